@@ -1,0 +1,53 @@
+//! The flags every service shares (SPEC 3.7), flattened into each binary's clap parser.
+
+use std::time::Duration;
+
+use clap::Args;
+use log::LevelFilter;
+
+use crate::server::ServerConfig;
+
+#[derive(Args, Clone, Debug)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Client connections served at once; past it a new connection gets OVERLOADED and is closed.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// Longest request line in bytes (before the newline).
+    #[arg(long, default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(16..))]
+    pub max_line: u64,
+
+    /// Close a client connection after this long without progress.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_ms: u64,
+
+    /// On SIGTERM/SIGINT, how long to keep answering requests already in flight.
+    #[arg(long, default_value_t = 5_000)]
+    pub drain_timeout_ms: u64,
+
+    /// error, warn, info, debug, trace or off.
+    #[arg(long, default_value = "info")]
+    pub log_level: LevelFilter,
+}
+
+impl ServerArgs {
+    /// The server configuration for a binary: listening on `port`, announcing readiness on
+    /// stdout and handling SIGTERM/SIGINT.
+    pub fn to_config(&self, port: u16) -> ServerConfig {
+        ServerConfig {
+            host: self.host.clone(),
+            port,
+            max_connections: self.max_connections as usize,
+            max_line: self.max_line as usize,
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            announce: true,
+            handle_signals: true,
+            ..ServerConfig::default()
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Line framing: splitting buffered input into request lines, and a bounded output buffer
+//! written with partial writes.
+//!
+//! Both work on any `Read`/`Write` (a non-blocking mio `TcpStream` in the services), and the
+//! splitting is a pure function over bytes, so it is tested without sockets.
+
+use std::io::{self, Read, Write};
+
+/// What the front of an input buffer holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A complete line, without its `\n` and without a `\r` before it, and how many bytes of
+    /// the buffer it used up.
+    Line(&'a [u8], usize),
+    /// No complete line yet, and what is there is not too long.
+    Incomplete,
+    /// More than `max_line` bytes before the `\n` (or with no `\n` in sight).
+    TooLong,
+}
+
+/// Finds the first line in `buf`. Only the first `max_line + 1` bytes are searched, so a huge
+/// buffer costs no more than a legal line.
+pub fn next_frame(buf: &[u8], max_line: usize) -> Frame<'_> {
+    let window = &buf[..buf.len().min(max_line.saturating_add(1))];
+    match memchr::memchr(b'\n', window) {
+        Some(end) if end <= max_line => {
+            let line = &buf[..end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            Frame::Line(line, end + 1)
+        }
+        _ if buf.len() > max_line => Frame::TooLong,
+        _ => Frame::Incomplete,
+    }
+}
+
+/// Reads once into `buf`, retrying on `EINTR`. `Ok(0)` is end of stream.
+pub fn read_once<R: Read>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match reader.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Buffered output with a write position: answers are appended, and `flush_to` writes as
+/// much as the socket takes. Whoever owns it decides what its bound is and pauses reading
+/// while `pending()` is over it.
+#[derive(Debug, Default)]
+pub struct OutBuf {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+/// Capacity kept after the buffer empties; anything above is returned to the allocator, so
+/// an idle connection that once sent a large answer does not keep its memory.
+const RETAINED_CAPACITY: usize = 64 * 1024;
+
+impl OutBuf {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes appended but not yet written.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending() == 0
+    }
+
+    /// The buffer to append whole answers to.
+    pub fn buf_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Writes until the buffer is empty or the writer would block; returns the bytes written.
+    /// `WouldBlock` is not an error here; any other error is returned.
+    pub fn flush_to<W: Write>(&mut self, writer: &mut W) -> io::Result<usize> {
+        let mut written = 0;
+        while self.pos < self.buf.len() {
+            match writer.write(&self.buf[self.pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.pos += n;
+                    written += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+            if self.buf.capacity() > RETAINED_CAPACITY {
+                self.buf.shrink_to(RETAINED_CAPACITY);
+            }
+        } else if self.pos > RETAINED_CAPACITY && self.pos * 2 > self.buf.len() {
+            // Mostly written: move the tail to the front so the buffer does not creep.
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Splits `input` delivered in chunks of `chunk` bytes through the same carry logic the
+    /// services use, returning the lines and whether the stream hit a too-long line.
+    fn split_in_chunks(input: &[u8], chunk: usize, max_line: usize) -> (Vec<Vec<u8>>, bool) {
+        let mut carry: Vec<u8> = Vec::new();
+        let mut lines = Vec::new();
+        for piece in input.chunks(chunk) {
+            carry.extend_from_slice(piece);
+            let mut used = 0;
+            loop {
+                match next_frame(&carry[used..], max_line) {
+                    Frame::Line(line, n) => {
+                        lines.push(line.to_vec());
+                        used += n;
+                    }
+                    Frame::Incomplete => break,
+                    Frame::TooLong => return (lines, true),
+                }
+            }
+            carry.drain(..used);
+        }
+        (lines, false)
+    }
+
+    #[test]
+    fn splitting_table_at_every_chunk_size() {
+        let table: &[(&[u8], &[&[u8]], bool)] = &[
+            (b"GET a\n", &[b"GET a"], false),
+            (b"GET a\r\nGET b\n", &[b"GET a", b"GET b"], false),
+            (b"GET a\nGET b", &[b"GET a"], false),
+            (b"\n\r\n", &[b"", b""], false),
+            (b"a\rb\n", &[b"a\rb"], false),
+            (b"x\r\r\n", &[b"x\r"], false),
+            (b"12345678\n", &[b"12345678"], false),
+            (b"123456789\n", &[], true),
+            (b"ok\n123456789", &[b"ok"], true),
+            (b"1234567\r\n", &[b"1234567"], false),
+            (b"12345678\r\n", &[], true),
+        ];
+        for (input, expected, too_long) in table {
+            for chunk in 1..=input.len() {
+                let (lines, hit_limit) = split_in_chunks(input, chunk, 8);
+                let expected: Vec<Vec<u8>> = expected.iter().map(|l| l.to_vec()).collect();
+                assert_eq!(lines, expected, "{:?} in chunks of {chunk}", String::from_utf8_lossy(input));
+                assert_eq!(hit_limit, *too_long, "{:?} in chunks of {chunk}", String::from_utf8_lossy(input));
+            }
+        }
+    }
+
+    #[test]
+    fn many_lines_in_one_read() {
+        let input: Vec<u8> = (0..10_000).flat_map(|i| format!("GET k{i}\n").into_bytes()).collect();
+        let (lines, too_long) = split_in_chunks(&input, input.len(), 64);
+        assert!(!too_long);
+        assert_eq!(lines.len(), 10_000);
+        assert_eq!(lines[9_999], b"GET k9999");
+    }
+
+    #[test]
+    fn the_limit_is_on_bytes_before_the_newline() {
+        assert_eq!(next_frame(b"abcd\n", 4), Frame::Line(b"abcd", 5));
+        assert_eq!(next_frame(b"abcde\n", 4), Frame::TooLong);
+        assert_eq!(next_frame(b"abcd", 4), Frame::Incomplete);
+        assert_eq!(next_frame(b"abcde", 4), Frame::TooLong);
+    }
+
+    /// A writer that takes at most `per_call` bytes per write and then blocks after `budget`.
+    struct Trickle {
+        taken: Vec<u8>,
+        per_call: usize,
+        budget: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.budget == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.per_call).min(self.budget);
+            self.taken.extend_from_slice(&buf[..n]);
+            self.budget -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_keep_order_and_resume() {
+        let mut out = OutBuf::new();
+        out.extend(b"hello ");
+        out.extend(b"world\n");
+        let mut w = Trickle { taken: Vec::new(), per_call: 3, budget: 5 };
+        assert_eq!(out.flush_to(&mut w).unwrap(), 5);
+        assert_eq!(out.pending(), 7);
+        out.extend(b"more\n");
+        w.budget = 100;
+        assert_eq!(out.flush_to(&mut w).unwrap(), 12);
+        assert!(out.is_empty());
+        assert_eq!(w.taken, b"hello world\nmore\n");
+    }
+
+    #[test]
+    fn a_large_buffer_is_released_once_written() {
+        let mut out = OutBuf::new();
+        out.extend(&vec![b'x'; 1 << 20]);
+        let mut w = Trickle { taken: Vec::new(), per_call: usize::MAX, budget: usize::MAX };
+        out.flush_to(&mut w).unwrap();
+        assert!(out.buf.capacity() <= RETAINED_CAPACITY);
+    }
+}

@@ -1,0 +1,12 @@
+//! Code shared by every service of the cache tier: the wire protocol, line framing, the
+//! deadline queue, the event-loop scaffolding (listener, limits, signals, drain), logging and
+//! metrics building blocks, and a small blocking client for tests and tools.
+
+pub mod cli;
+pub mod framing;
+pub mod logging;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod testkit;
+pub mod timers;

@@ -1,0 +1,828 @@
+//! The service scaffolding every tier runs on: one single-threaded mio loop that owns the
+//! listener, the client connections (a slab addressed by `Token`), a deadline queue, signals
+//! and the graceful drain. A service plugs in through [`Service`]: it is handed complete
+//! request lines and answers them now or later through [`Ctx`]; everything about sockets,
+//! ordering, backpressure and limits is handled here once.
+//!
+//! Ordering: answers to requests without an id leave in request order. Each such request
+//! takes a slot in its connection's queue; an answer that is ready while an earlier one is
+//! still awaited waits in its slot. Requests with an id take no slot and are written the
+//! moment they are answered (SPEC 2: they may overtake).
+//!
+//! Backpressure: a connection stops being read while its unwritten output is over
+//! `output_limit` or while `max_pipeline` answers are awaited; it is read again as soon as
+//! that clears. So a client that never reads costs at most about `output_limit` plus one
+//! answer, plus what the kernel buffers.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use slab::Slab;
+
+use crate::framing::{next_frame, read_once, Frame, OutBuf};
+use crate::metrics::StartTime;
+use crate::protocol::{Reply, Status};
+use crate::timers::{TimerKey, TimerQueue};
+
+const LISTENER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const WAKER: Token = Token(2);
+/// Client connections use tokens `CLIENT_BASE + slab index`.
+const CLIENT_BASE: usize = 16;
+/// Services number their own upstream sockets from here up (see [`peer_token`]).
+pub const PEER_BASE: usize = 1 << 40;
+
+/// The token for a service's upstream socket number `index`.
+pub fn peer_token(index: usize) -> Token {
+    Token(PEER_BASE + index)
+}
+
+/// The index a service gave [`peer_token`], if `token` is a peer token.
+pub fn peer_index(token: Token) -> Option<usize> {
+    token.0.checked_sub(PEER_BASE)
+}
+
+/// Bytes read from a socket per `read` call.
+const READ_CHUNK: usize = 64 * 1024;
+/// Reads one connection gets per loop turn before others get their turn.
+const READ_BUDGET: usize = 16;
+/// How long to wait before accepting again after running out of file descriptors.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// How a service listens and what it tolerates from clients.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub host: String,
+    /// 0 picks a free port.
+    pub port: u16,
+    pub max_connections: usize,
+    pub max_line: usize,
+    pub idle_timeout: Duration,
+    /// Unwritten output per connection above which its requests are no longer read.
+    pub output_limit: usize,
+    /// Awaited answers per connection at which its requests are no longer read.
+    pub max_pipeline: usize,
+    pub drain_timeout: Duration,
+    /// Print `listening on HOST:PORT` on stdout once ready.
+    pub announce: bool,
+    /// Drain and exit on SIGTERM/SIGINT (binaries); in-process tests use [`ShutdownHandle`].
+    pub handle_signals: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 0,
+            max_connections: 10_000,
+            max_line: 64 * 1024,
+            idle_timeout: Duration::from_secs(60),
+            output_limit: 256 * 1024,
+            max_pipeline: 1024,
+            drain_timeout: Duration::from_secs(5),
+            announce: false,
+            handle_signals: false,
+        }
+    }
+}
+
+/// A client connection, as services see it: valid until the connection closes, after which
+/// answers addressed to it are dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientId {
+    index: usize,
+    serial: u64,
+}
+
+/// A promise to answer one request later, from [`Ctx::defer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    client: ClientId,
+    /// The request's slot, for requests without an id; `None` for requests with one.
+    slot: Option<u64>,
+}
+
+impl Ticket {
+    pub fn client(&self) -> ClientId {
+        self.client
+    }
+}
+
+/// What a service implements to run on this loop.
+pub trait Service {
+    /// The service's own timer events.
+    type Timer;
+
+    /// A complete, non-blank request line from `client` (without `\r\n`). The service answers
+    /// every line exactly once, through [`Ctx::reply`] now or [`Ctx::defer`] and
+    /// [`Ctx::complete`] later.
+    fn on_line(&mut self, ctx: &mut Ctx<Self::Timer>, client: ClientId, line: &[u8]);
+
+    /// One of the service's timers fired.
+    fn on_timer(&mut self, ctx: &mut Ctx<Self::Timer>, timer: Self::Timer);
+
+    /// Readiness on one of the service's own sockets (registered with a [`peer_token`]).
+    fn on_peer_event(&mut self, _ctx: &mut Ctx<Self::Timer>, _token: Token, _event: &Event) {}
+
+    /// The drain has begun (SIGTERM or [`ShutdownHandle::shutdown`]).
+    fn on_drain(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
+}
+
+/// Everything a service may do to the world: answer clients, schedule timers, register its
+/// own sockets, read the clock and the shared counters.
+pub struct Ctx<T> {
+    now: Instant,
+    registry: Registry,
+    clients: Slab<Client>,
+    timers: TimerQueue<LoopTimer<T>>,
+    config: ServerConfig,
+    local_addr: SocketAddr,
+    started: StartTime,
+    total_requests: u64,
+    next_serial: u64,
+    /// Clients whose output or pending count changed outside their own read handling; the
+    /// loop writes them out at the end of the turn.
+    dirty: Vec<usize>,
+    /// Spare buffers for answers that wait in their slot, so steady state does not allocate.
+    spare: Vec<Vec<u8>>,
+    draining: bool,
+}
+
+enum LoopTimer<T> {
+    Idle(ClientId),
+    AcceptRetry,
+    DrainDeadline,
+    Service(T),
+}
+
+struct Client {
+    stream: TcpStream,
+    serial: u64,
+    /// Bytes read but not yet used: at most a partial line, unless reading is paused.
+    carry: Vec<u8>,
+    out: OutBuf,
+    /// Answers for requests without an id, oldest first; `head_slot` numbers the first.
+    slots: VecDeque<Slot>,
+    head_slot: u64,
+    /// Deferred answers to requests with an id.
+    unordered: usize,
+    writable_registered: bool,
+    read_closed: bool,
+    /// Read nothing more; close once everything owed is written.
+    closing: bool,
+    dirty: bool,
+    last_active: Instant,
+    idle_timer: Option<TimerKey>,
+}
+
+enum Slot {
+    Waiting,
+    Ready(Vec<u8>),
+}
+
+impl Client {
+    fn awaited(&self) -> usize {
+        self.slots.len() + self.unordered
+    }
+
+    fn owes_nothing(&self) -> bool {
+        self.awaited() == 0 && self.out.is_empty()
+    }
+
+    fn over_limits(&self, config: &ServerConfig) -> bool {
+        self.out.pending() > config.output_limit || self.awaited() >= config.max_pipeline
+    }
+}
+
+impl<T> Ctx<T> {
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    pub fn started(&self) -> &StartTime {
+        &self.started
+    }
+
+    /// Request lines answered so far, malformed ones included.
+    pub fn total_requests(&self) -> u64 {
+        self.total_requests
+    }
+
+    /// Client connections open now.
+    pub fn connections(&self) -> usize {
+        self.clients.len()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    pub fn is_connected(&self, client: ClientId) -> bool {
+        self.live_index(client).is_some()
+    }
+
+    pub fn schedule(&mut self, at: Instant, timer: T) -> TimerKey {
+        self.timers.schedule(at, LoopTimer::Service(timer))
+    }
+
+    pub fn cancel(&mut self, key: TimerKey) -> Option<T> {
+        match self.timers.cancel(key)? {
+            LoopTimer::Service(timer) => Some(timer),
+            // A service only holds keys of its own timers; put anything else back untouched.
+            other => {
+                self.timers.schedule(key.deadline(), other);
+                None
+            }
+        }
+    }
+
+    /// Answers a request now. `ordered` is true for requests without an id, which must not
+    /// overtake earlier requests of the same connection.
+    pub fn reply(&mut self, client: ClientId, ordered: bool, encode: impl FnOnce(&mut Vec<u8>)) {
+        let Some(index) = self.live_index(client) else { return };
+        self.total_requests += 1;
+        let c = &mut self.clients[index];
+        if ordered && !c.slots.is_empty() {
+            let mut buf = self.spare.pop().unwrap_or_default();
+            encode(&mut buf);
+            c.slots.push_back(Slot::Ready(buf));
+        } else {
+            encode(c.out.buf_mut());
+        }
+        self.mark_dirty(index);
+    }
+
+    /// Promises an answer to a request that will be given later through [`Ctx::complete`].
+    pub fn defer(&mut self, client: ClientId, ordered: bool) -> Ticket {
+        let slot = self.live_index(client).and_then(|index| {
+            let c = &mut self.clients[index];
+            if ordered {
+                c.slots.push_back(Slot::Waiting);
+                Some(c.head_slot + c.slots.len() as u64 - 1)
+            } else {
+                c.unordered += 1;
+                None
+            }
+        });
+        Ticket { client, slot }
+    }
+
+    /// Keeps a promise. Returns false (and encodes nothing) when the client has gone.
+    pub fn complete(&mut self, ticket: Ticket, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let Some(index) = self.live_index(ticket.client) else { return false };
+        self.total_requests += 1;
+        let c = &mut self.clients[index];
+        match ticket.slot {
+            None => {
+                c.unordered = c.unordered.saturating_sub(1);
+                encode(c.out.buf_mut());
+            }
+            Some(slot) => {
+                let Some(position) = slot.checked_sub(c.head_slot).map(|p| p as usize) else {
+                    return false;
+                };
+                if position == 0 {
+                    encode(c.out.buf_mut());
+                    c.slots.pop_front();
+                    c.head_slot += 1;
+                    // Answers that were ready behind this one may go now.
+                    while let Some(Slot::Ready(_)) = c.slots.front() {
+                        if let Some(Slot::Ready(buf)) = c.slots.pop_front() {
+                            c.out.extend(&buf);
+                            recycle(&mut self.spare, buf);
+                        }
+                        c.head_slot += 1;
+                    }
+                } else if let Some(entry) = c.slots.get_mut(position) {
+                    let mut buf = self.spare.pop().unwrap_or_default();
+                    encode(&mut buf);
+                    *entry = Slot::Ready(buf);
+                }
+            }
+        }
+        self.mark_dirty(index);
+        true
+    }
+
+    fn live_index(&self, client: ClientId) -> Option<usize> {
+        match self.clients.get(client.index) {
+            Some(c) if c.serial == client.serial => Some(client.index),
+            _ => None,
+        }
+    }
+
+    fn mark_dirty(&mut self, index: usize) {
+        let c = &mut self.clients[index];
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(index);
+        }
+    }
+}
+
+/// Keeps a few answer buffers for reuse, dropping big ones so that memory is returned.
+fn recycle(spare: &mut Vec<Vec<u8>>, mut buf: Vec<u8>) {
+    if spare.len() < 256 && buf.capacity() <= 16 * 1024 {
+        buf.clear();
+        spare.push(buf);
+    }
+}
+
+/// Asks a running server to drain and stop, from any thread.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    requested: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl std::fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownHandle").field("requested", &self.requested).finish()
+    }
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            warn!("could not wake the event loop for shutdown: {e}");
+        }
+    }
+}
+
+/// Binds a listener (port 0 picks a free one) the way every service does.
+pub fn bind_listener(host: &str, port: u16) -> io::Result<StdListener> {
+    let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
+    let mut last_err = io::Error::new(io::ErrorKind::AddrNotAvailable, format!("{host} resolves to no address"));
+    for addr in addrs {
+        match StdListener::bind(addr) {
+            Ok(listener) => {
+                listener.set_nonblocking(true)?;
+                return Ok(listener);
+            }
+            Err(e) => last_err = io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")),
+        }
+    }
+    Err(last_err)
+}
+
+/// A service bound to its listener and ready to run.
+pub struct Server<S: Service> {
+    poll: Poll,
+    events: Events,
+    listener: Option<TcpListener>,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    shutdown: ShutdownHandle,
+    scratch: Box<[u8]>,
+    /// Clients that used up their read budget and must be read again next turn.
+    again: Vec<ClientId>,
+    ctx: Ctx<S::Timer>,
+    service: S,
+}
+
+impl<S: Service> Server<S> {
+    /// Binds `config.host:config.port` and builds the service with the bound address (a proxy
+    /// needs its own port to fill in `node`).
+    pub fn bind(config: ServerConfig, make: impl FnOnce(SocketAddr) -> io::Result<S>) -> io::Result<Self> {
+        let listener = bind_listener(&config.host, config.port)?;
+        let local_addr = listener.local_addr()?;
+        let service = make(local_addr)?;
+        Server::with_listener(config, listener, service)
+    }
+
+    /// Runs on an already bound listener.
+    pub fn with_listener(config: ServerConfig, listener: StdListener, service: S) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let poll = Poll::new()?;
+        let registry = poll.registry().try_clone()?;
+        let mut listener = TcpListener::from_std(listener);
+        registry.register(&mut listener, LISTENER, Interest::READABLE)?;
+        let signals = if config.handle_signals {
+            let mut signals = signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+            registry.register(&mut signals, SIGNALS, Interest::READABLE)?;
+            Some(signals)
+        } else {
+            None
+        };
+        let waker = Arc::new(Waker::new(&registry, WAKER)?);
+        let shutdown = ShutdownHandle { requested: Arc::new(AtomicBool::new(false)), waker };
+        Ok(Server {
+            poll,
+            events: Events::with_capacity(1024),
+            listener: Some(listener),
+            signals,
+            shutdown,
+            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            again: Vec::new(),
+            ctx: Ctx {
+                now: Instant::now(),
+                registry,
+                clients: Slab::new(),
+                timers: TimerQueue::new(),
+                config,
+                local_addr,
+                started: StartTime::now(),
+                total_requests: 0,
+                next_serial: 0,
+                dirty: Vec::new(),
+                spare: Vec::new(),
+                draining: false,
+            },
+            service,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.ctx.local_addr
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    pub fn service(&self) -> &S {
+        &self.service
+    }
+
+    /// Runs the loop until a drain completes. Returns an error only if polling itself fails.
+    pub fn run(mut self) -> io::Result<()> {
+        if self.ctx.config.announce {
+            let mut stdout = io::stdout().lock();
+            writeln!(stdout, "listening on {}", self.ctx.local_addr)?;
+            stdout.flush()?;
+        }
+        info!("listening on {}", self.ctx.local_addr);
+        loop {
+            self.ctx.now = Instant::now();
+            let timeout = if self.again.is_empty() { self.ctx.timers.timeout(self.ctx.now) } else { Some(Duration::ZERO) };
+            if let Err(e) = self.poll.poll(&mut self.events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!("poll failed: {e}");
+                return Err(e);
+            }
+            self.ctx.now = Instant::now();
+            self.handle_events();
+            for client in std::mem::take(&mut self.again) {
+                if let Some(index) = self.ctx.live_index(client) {
+                    self.drive(index);
+                }
+            }
+            if self.fire_timers() {
+                break;
+            }
+            self.flush_dirty();
+            if self.ctx.draining && self.ctx.clients.is_empty() {
+                break;
+            }
+        }
+        info!("stopped after answering {} requests", self.ctx.total_requests);
+        Ok(())
+    }
+
+    fn handle_events(&mut self) {
+        // Taken out for the turn so that handlers may borrow `self` mutably; swapping in an
+        // empty `Events` does not allocate.
+        let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        for event in events.iter() {
+            match event.token() {
+                LISTENER => self.accept_all(),
+                SIGNALS => self.on_signals(),
+                WAKER => {
+                    if self.shutdown.requested.load(Ordering::SeqCst) {
+                        self.begin_drain("shutdown requested");
+                    }
+                }
+                token if token.0 >= PEER_BASE => self.service.on_peer_event(&mut self.ctx, token, event),
+                Token(t) if t >= CLIENT_BASE => {
+                    if self.ctx.clients.contains(t - CLIENT_BASE) {
+                        self.drive(t - CLIENT_BASE);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.events = events;
+    }
+
+    fn on_signals(&mut self) {
+        let mut got = false;
+        if let Some(signals) = self.signals.as_mut() {
+            // Drain every pending signal so the edge-triggered source re-arms.
+            got = signals.pending().count() > 0;
+        }
+        if got {
+            self.begin_drain("signal received");
+        }
+    }
+
+    fn begin_drain(&mut self, why: &str) {
+        if self.ctx.draining {
+            return;
+        }
+        info!("{why}: no longer accepting; answering what is in flight");
+        self.ctx.draining = true;
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.ctx.registry.deregister(&mut listener);
+        }
+        let deadline = self.ctx.now + self.ctx.config.drain_timeout;
+        self.ctx.timers.schedule(deadline, LoopTimer::DrainDeadline);
+        self.service.on_drain(&mut self.ctx);
+        let indexes: Vec<usize> = self.ctx.clients.iter().map(|(i, _)| i).collect();
+        for index in indexes {
+            self.ctx.clients[index].closing = true;
+            self.ctx.mark_dirty(index);
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            let Some(listener) = self.listener.as_ref() else { return };
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => continue,
+                Err(e) => {
+                    // Out of descriptors or memory: the pending connection stays in the backlog.
+                    // Retry after a pause instead of spinning on an always-ready listener.
+                    warn!("accept failed: {e}; retrying in {} ms", ACCEPT_RETRY.as_millis());
+                    self.ctx.timers.schedule(self.ctx.now + ACCEPT_RETRY, LoopTimer::AcceptRetry);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        if self.ctx.clients.len() >= self.ctx.config.max_connections {
+            let mut line = Vec::with_capacity(64);
+            Reply::error(Status::Overloaded, "too many connections").encode(&mut line);
+            // A fresh socket's send buffer is empty, so this either goes out whole or the
+            // client is gone; either way the connection is closed right after.
+            let _ = stream.write(&line);
+            debug!("refused {peer}: at max connections");
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let entry = self.ctx.clients.vacant_entry();
+        let index = entry.key();
+        if let Err(e) = self.ctx.registry.register(&mut stream, Token(CLIENT_BASE + index), Interest::READABLE) {
+            warn!("cannot register connection from {peer}: {e}");
+            return;
+        }
+        let serial = self.ctx.next_serial;
+        self.ctx.next_serial += 1;
+        let id = ClientId { index, serial };
+        let idle_timer = Some(self.ctx.timers.schedule(self.ctx.now + self.ctx.config.idle_timeout, LoopTimer::Idle(id)));
+        entry.insert(Client {
+            stream,
+            serial,
+            carry: Vec::new(),
+            out: OutBuf::new(),
+            slots: VecDeque::new(),
+            head_slot: 0,
+            unordered: 0,
+            writable_registered: false,
+            read_closed: false,
+            closing: self.ctx.draining,
+            dirty: false,
+            last_active: self.ctx.now,
+            idle_timer,
+        });
+    }
+
+    /// Fires due timers. Returns true when the drain deadline has passed.
+    fn fire_timers(&mut self) -> bool {
+        let now = Instant::now();
+        self.ctx.now = now;
+        while let Some(timer) = self.ctx.timers.pop_expired(now) {
+            match timer {
+                LoopTimer::Service(t) => self.service.on_timer(&mut self.ctx, t),
+                LoopTimer::Idle(id) => self.check_idle(id),
+                LoopTimer::AcceptRetry => self.accept_all(),
+                LoopTimer::DrainDeadline => {
+                    warn!("drain deadline passed with {} connections still open", self.ctx.clients.len());
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    fn check_idle(&mut self, id: ClientId) {
+        let Some(index) = self.ctx.live_index(id) else { return };
+        let idle = self.ctx.config.idle_timeout;
+        let now = self.ctx.now;
+        let c = &mut self.ctx.clients[index];
+        let quiet_since = c.last_active;
+        // A client waiting for an answer we owe is not idle: the slowness is ours.
+        let waiting_on_us = c.awaited() > 0 && c.out.is_empty();
+        if waiting_on_us || quiet_since + idle > now {
+            let at = if waiting_on_us { now + idle } else { quiet_since + idle };
+            c.idle_timer = Some(self.ctx.timers.schedule(at, LoopTimer::Idle(id)));
+        } else {
+            debug!("closing connection {index}: idle for {} ms", idle.as_millis());
+            c.idle_timer = None;
+            self.close(index);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        while !self.ctx.dirty.is_empty() {
+            for index in std::mem::take(&mut self.ctx.dirty) {
+                if let Some(c) = self.ctx.clients.get_mut(index) {
+                    c.dirty = false;
+                    self.drive(index);
+                }
+            }
+        }
+    }
+
+    /// Brings one client up to date: writes what is owed, then reads and dispatches requests
+    /// until the socket is empty, the limits pause it, or its read budget is spent.
+    fn drive(&mut self, index: usize) {
+        let mut reads = 0;
+        loop {
+            let config = &self.ctx.config;
+            let c = &mut self.ctx.clients[index];
+            match c.out.flush_to(&mut c.stream) {
+                Ok(0) => {}
+                Ok(_) => c.last_active = self.ctx.now,
+                Err(e) => {
+                    debug!("closing connection {index}: write failed: {e}");
+                    return self.close(index);
+                }
+            }
+            if c.closing || c.read_closed {
+                if c.owes_nothing() {
+                    return self.close(index);
+                }
+                if c.closing {
+                    return self.update_interest(index);
+                }
+            }
+            if c.over_limits(config) {
+                return self.update_interest(index);
+            }
+            if !c.carry.is_empty() && memchr::memchr(b'\n', &c.carry).is_some() {
+                let carry = std::mem::take(&mut c.carry);
+                let used = self.dispatch(index, &carry);
+                if let Some(c) = self.ctx.clients.get_mut(index) {
+                    c.carry = carry;
+                    c.carry.drain(..used);
+                }
+                continue;
+            }
+            if c.read_closed {
+                // The peer finished sending; a last line without its newline still counts.
+                if !c.carry.is_empty() {
+                    let mut carry = std::mem::take(&mut c.carry);
+                    carry.push(b'\n');
+                    let used = self.dispatch(index, &carry);
+                    if let Some(c) = self.ctx.clients.get_mut(index) {
+                        // Paused part way: keep the rest, without the newline added here.
+                        carry.pop();
+                        carry.drain(..used.min(carry.len()));
+                        c.carry = carry;
+                    }
+                    continue;
+                }
+                return self.update_interest(index);
+            }
+            if reads == READ_BUDGET {
+                let serial = c.serial;
+                self.again.push(ClientId { index, serial });
+                return self.update_interest(index);
+            }
+            reads += 1;
+            match read_once(&mut c.stream, &mut self.scratch) {
+                Ok(0) => c.read_closed = true,
+                Ok(n) => {
+                    c.last_active = self.ctx.now;
+                    let fresh = &self.scratch[..n];
+                    if c.carry.is_empty() {
+                        // The common case: lines straight from the read buffer, no copy.
+                        let used = dispatch(&mut self.service, &mut self.ctx, index, fresh);
+                        if let Some(c) = self.ctx.clients.get_mut(index) {
+                            c.carry.extend_from_slice(&fresh[used..]);
+                        }
+                    } else if memchr::memchr(b'\n', fresh).is_some() {
+                        c.carry.extend_from_slice(fresh);
+                    } else {
+                        // Still no end of line: only the length needs checking, not a rescan.
+                        c.carry.extend_from_slice(fresh);
+                        if c.carry.len() > config.max_line {
+                            self.reject_long_line(index);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return self.update_interest(index),
+                Err(e) => {
+                    debug!("closing connection {index}: read failed: {e}");
+                    return self.close(index);
+                }
+            }
+            if !self.ctx.clients.contains(index) {
+                return;
+            }
+        }
+    }
+
+    fn dispatch(&mut self, index: usize, bytes: &[u8]) -> usize {
+        dispatch(&mut self.service, &mut self.ctx, index, bytes)
+    }
+
+    fn reject_long_line(&mut self, index: usize) {
+        reject_long_line(&mut self.ctx, index);
+    }
+
+    fn update_interest(&mut self, index: usize) {
+        let c = &mut self.ctx.clients[index];
+        let want_writable = !c.out.is_empty();
+        if want_writable != c.writable_registered {
+            let interest = if want_writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            if let Err(e) = self.ctx.registry.reregister(&mut c.stream, Token(CLIENT_BASE + index), interest) {
+                debug!("closing connection {index}: reregister failed: {e}");
+                return self.close(index);
+            }
+            c.writable_registered = want_writable;
+        }
+    }
+
+    fn close(&mut self, index: usize) {
+        if !self.ctx.clients.contains(index) {
+            return;
+        }
+        let mut c = self.ctx.clients.remove(index);
+        let _ = self.ctx.registry.deregister(&mut c.stream);
+        if let Some(key) = c.idle_timer.take() {
+            self.ctx.timers.cancel(key);
+        }
+        for slot in c.slots.drain(..) {
+            if let Slot::Ready(buf) = slot {
+                recycle(&mut self.ctx.spare, buf);
+            }
+        }
+    }
+}
+
+/// Hands the complete lines at the front of `bytes` to the service, until the bytes run out
+/// or the client's limits pause it. Returns how many bytes were used.
+fn dispatch<S: Service>(service: &mut S, ctx: &mut Ctx<S::Timer>, index: usize, bytes: &[u8]) -> usize {
+    let Some(serial) = ctx.clients.get(index).map(|c| c.serial) else { return bytes.len() };
+    let client = ClientId { index, serial };
+    let max_line = ctx.config.max_line;
+    let mut used = 0;
+    loop {
+        let c = &ctx.clients[index];
+        if c.closing || c.over_limits(&ctx.config) {
+            return used;
+        }
+        match next_frame(&bytes[used..], max_line) {
+            Frame::Line(line, n) => {
+                used += n;
+                if !line.iter().all(|b| *b == b' ' || *b == b'\t') {
+                    service.on_line(ctx, client, line);
+                }
+            }
+            Frame::Incomplete => return used,
+            Frame::TooLong => {
+                reject_long_line(ctx, index);
+                return bytes.len();
+            }
+        }
+    }
+}
+
+/// SPEC 2: a line over `--max-line` is answered with BAD_REQUEST at once, and the
+/// connection is closed once that answer (and any before it) is written.
+fn reject_long_line<T>(ctx: &mut Ctx<T>, index: usize) {
+    let serial = ctx.clients[index].serial;
+    let message = format!("request line longer than {} bytes", ctx.config.max_line);
+    ctx.reply(ClientId { index, serial }, true, |out| Reply::error(Status::BadRequest, &message).encode(out));
+    let c = &mut ctx.clients[index];
+    c.closing = true;
+    c.carry = Vec::new();
+}

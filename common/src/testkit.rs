@@ -1,0 +1,221 @@
+//! Blocking helpers for tests and tools: a line client, polling a condition with a deadline,
+//! and running a service binary as a child process that is stopped by PID when dropped.
+//!
+//! These are deliberately simple (std sockets, one request at a time); the services
+//! themselves never use them.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Default time a test waits for one answer before failing instead of hanging.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One blocking connection speaking the line protocol.
+pub struct LineClient {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl LineClient {
+    pub fn connect(addr: impl ToSocketAddrs) -> io::Result<Self> {
+        Self::connect_timeout(addr, ANSWER_TIMEOUT)
+    }
+
+    pub fn connect_timeout(addr: impl ToSocketAddrs, timeout: Duration) -> io::Result<Self> {
+        let mut last = io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing");
+        for addr in addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(stream) => {
+                    stream.set_read_timeout(Some(timeout))?;
+                    stream.set_write_timeout(Some(timeout))?;
+                    stream.set_nodelay(true)?;
+                    let reader = BufReader::new(stream.try_clone()?);
+                    return Ok(LineClient { writer: stream, reader });
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.writer.set_read_timeout(Some(timeout))
+    }
+
+    /// Sends `line` followed by `\n`.
+    pub fn send(&mut self, line: &str) -> io::Result<()> {
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        self.writer.write_all(&bytes)
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.writer.write_all(bytes)
+    }
+
+    /// Reads one answer line; `Ok(None)` when the server closed the connection.
+    pub fn recv_line(&mut self) -> io::Result<Option<String>> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line)? {
+            0 => Ok(None),
+            _ => Ok(Some(line)),
+        }
+    }
+
+    /// Reads one answer and parses it as JSON; a close or non-JSON is an error.
+    pub fn recv(&mut self) -> io::Result<Value> {
+        let line = self
+            .recv_line()?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before an answer"))?;
+        if !line.ends_with('\n') {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("answer without newline: {line:?}")));
+        }
+        serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line:?}")))
+    }
+
+    /// Sends one line and reads one answer.
+    pub fn request(&mut self, line: &str) -> io::Result<Value> {
+        self.send(line)?;
+        self.recv()
+    }
+
+    /// True once the server has closed the connection (reads EOF or a reset), within the
+    /// read timeout. Any answer lines still in flight are skipped.
+    pub fn is_closed_by_peer(&mut self) -> bool {
+        let mut sink = [0u8; 4096];
+        loop {
+            match self.reader.read(&mut sink) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.writer
+    }
+}
+
+/// Asks `addr` for METRICS over a fresh connection and returns `data`.
+pub fn metrics(addr: SocketAddr) -> io::Result<Value> {
+    let answer = LineClient::connect(addr)?.request("METRICS")?;
+    Ok(answer["data"].clone())
+}
+
+/// Polls `condition` every few milliseconds until it holds or `limit` passes; returns whether
+/// it held. Tests use this instead of sleeping for things to settle.
+pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A service binary running as a child process. Dropping it kills that process (by its PID)
+/// and reaps it, so a failing test leaves nothing running.
+pub struct ChildService {
+    child: Child,
+    addr: SocketAddr,
+    _stdout: thread::JoinHandle<()>,
+}
+
+impl ChildService {
+    /// Starts `program args…` and waits (up to 10 s) for its `listening on HOST:PORT` line.
+    pub fn spawn(program: &str, args: &[&str]) -> io::Result<Self> {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout pipe"))?;
+        let (tx, rx) = mpsc::channel();
+        let reader = thread::spawn(move || forward_ready_line(stdout, tx));
+        let announced = rx.recv_timeout(Duration::from_secs(10));
+        let addr = match announced {
+            Ok(Some(addr)) => addr,
+            other => {
+                let _ = child.kill();
+                let status = child.wait()?;
+                return Err(io::Error::other(format!("{program} did not announce readiness ({other:?}); exit {status}")));
+            }
+        };
+        Ok(ChildService { child, addr, _stdout: reader })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the child by PID.
+    pub fn signal(&self, signal: &str) -> io::Result<()> {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!("kill -{signal} {} failed", self.pid())))
+        }
+    }
+
+    /// Waits up to `limit` for the child to exit, returning its exit code (None if killed by a
+    /// signal), or an error if it is still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> io::Result<Option<i32>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "child still running"));
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for ChildService {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads the child's stdout: reports the address of the first `listening on` line, then keeps
+/// draining so that the child never blocks on a full pipe.
+fn forward_ready_line(stdout: ChildStdout, tx: mpsc::Sender<Option<SocketAddr>>) {
+    let mut lines = BufReader::new(stdout).lines();
+    let mut sent = false;
+    for line in lines.by_ref() {
+        let Ok(line) = line else { break };
+        if !sent {
+            if let Some(addr) = line.strip_prefix("listening on ").and_then(|a| a.trim().parse().ok()) {
+                let _ = tx.send(Some(addr));
+                sent = true;
+            }
+        }
+    }
+    if !sent {
+        let _ = tx.send(None);
+    }
+}

@@ -1,0 +1,58 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use common::cli::ServerArgs;
+use origin::{OriginConfig, Synthetic, DEFAULT_MAX_FILE_BYTES};
+
+/// The origin server: the source of truth for the cache tier.
+#[derive(Parser, Debug)]
+#[command(name = "origin", version, about)]
+struct Args {
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+
+    /// Directory holding the data: key a/b is the file DIR/a/b.json.
+    #[arg(long, default_value = "origin/data")]
+    data_dir: PathBuf,
+
+    /// Delay every GET answer by this many milliseconds (a loop timer, not a sleep).
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+
+    /// Also serve synthetic/0 … synthetic/N-1 with generated values.
+    #[arg(long, default_value_t = 0)]
+    synthetic_keys: u64,
+
+    /// Size of each synthetic value's JSON encoding, in bytes.
+    #[arg(long, default_value_t = 200)]
+    value_bytes: usize,
+
+    /// Data files larger than this are answered with ORIGIN_ERROR.
+    #[arg(long, default_value_t = DEFAULT_MAX_FILE_BYTES)]
+    max_file_bytes: u64,
+
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    common::logging::init(args.server.log_level);
+    let config = OriginConfig {
+        server: args.server.to_config(args.port),
+        data_dir: args.data_dir,
+        latency: Duration::from_millis(args.latency_ms),
+        synthetic: (args.synthetic_keys > 0).then_some(Synthetic { count: args.synthetic_keys, value_bytes: args.value_bytes }),
+        max_file_bytes: args.max_file_bytes,
+    };
+    match origin::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("origin: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The origin's request handling on the shared event loop: GETs answered from the store,
+//! now or after `--latency-ms` through a loop timer; METRICS and HEALTH answered at once.
+
+use std::time::{Duration, Instant};
+
+use common::metrics::{HealthData, LatencyHistogram, LatencySummary};
+use common::protocol::{encode_ok_value, parse_request, Data, Id, Op, Reply, Status};
+use common::server::{ClientId, Ctx, Service, Ticket};
+use serde::Serialize;
+
+use crate::store::{Lookup, Store};
+
+/// A GET waiting out the simulated latency. The key and id are owned copies: the request
+/// line is gone by the time the timer fires.
+pub struct Delayed {
+    ticket: Ticket,
+    key: Box<str>,
+    id: Option<Box<str>>,
+    received: Instant,
+}
+
+#[derive(Default, Debug, Clone, Copy)]
+struct Counters {
+    ok: u64,
+    not_found: u64,
+    errors: u64,
+}
+
+pub struct Origin {
+    store: Store,
+    latency: Duration,
+    counters: Counters,
+    latency_us: LatencyHistogram,
+    delayed: usize,
+    /// Reused for every value so that serving one allocates nothing in steady state.
+    value_buf: Vec<u8>,
+}
+
+#[derive(Serialize)]
+struct MetricsData<'a> {
+    role: &'static str,
+    start_time: String,
+    uptime_s: u64,
+    total_requests: u64,
+    ok: u64,
+    not_found: u64,
+    errors: u64,
+    connections: usize,
+    /// GETs waiting out `--latency-ms` now.
+    pending: usize,
+    latency_ms: u64,
+    data_dir: &'a str,
+    latency_us: LatencySummary,
+}
+
+impl Origin {
+    pub fn new(store: Store, latency: Duration) -> Self {
+        Origin {
+            store,
+            latency,
+            counters: Counters::default(),
+            latency_us: LatencyHistogram::new(),
+            delayed: 0,
+            value_buf: Vec::new(),
+        }
+    }
+
+    /// Looks `key` up and appends the whole answer to `out`, counting it.
+    fn answer_get(&mut self, key: &str, id: Option<Id<'_>>, received: Instant, out: &mut Vec<u8>) {
+        self.value_buf.clear();
+        let reply = match self.store.lookup(key, &mut self.value_buf) {
+            Lookup::Found => {
+                self.counters.ok += 1;
+                Reply::ok(&self.value_buf).id(id).encode(out);
+                return self.latency_us.record(received.elapsed());
+            }
+            Lookup::NotFound => {
+                self.counters.not_found += 1;
+                Reply::new(Status::NotFound, Data::Null)
+            }
+            Lookup::Error(message) => {
+                self.counters.errors += 1;
+                return Reply::error(Status::OriginError, &message).id(id).encode(out);
+            }
+        };
+        reply.id(id).encode(out);
+        self.latency_us.record(received.elapsed());
+    }
+
+    fn metrics<T>(&self, ctx: &Ctx<T>) -> MetricsData<'_> {
+        MetricsData {
+            role: "origin",
+            start_time: ctx.started().rfc3339(),
+            uptime_s: ctx.started().uptime_s(ctx.now()),
+            // This METRICS answer counts too.
+            total_requests: ctx.total_requests() + 1,
+            ok: self.counters.ok,
+            not_found: self.counters.not_found,
+            errors: self.counters.errors,
+            connections: ctx.connections(),
+            pending: self.delayed,
+            latency_ms: self.latency.as_millis() as u64,
+            data_dir: self.store.data_dir().to_str().unwrap_or("?"),
+            latency_us: self.latency_us.summary(),
+        }
+    }
+}
+
+impl Service for Origin {
+    type Timer = Delayed;
+
+    fn on_line(&mut self, ctx: &mut Ctx<Delayed>, client: ClientId, line: &[u8]) {
+        let now = ctx.now();
+        let request = match parse_request(line) {
+            Ok(request) => request,
+            Err(e) => {
+                if e.is_get() {
+                    self.counters.errors += 1;
+                }
+                return ctx.reply(client, e.id.is_none(), |out| e.encode(out));
+            }
+        };
+        let id = request.id;
+        let ordered = id.is_none();
+        match request.op {
+            Op::Get(key) if self.latency.is_zero() => {
+                ctx.reply(client, ordered, |out| self.answer_get(key.as_str(), id, now, out));
+            }
+            Op::Get(key) => {
+                let ticket = ctx.defer(client, ordered);
+                let delayed = Delayed {
+                    ticket,
+                    key: key.as_str().into(),
+                    id: id.map(|id| id.as_json().into()),
+                    received: now,
+                };
+                ctx.schedule(now + self.latency, delayed);
+                self.delayed += 1;
+            }
+            Op::Metrics => {
+                let data = self.metrics(ctx);
+                ctx.reply(client, ordered, |out| encode_ok_value(out, id, &data));
+            }
+            Op::Health => {
+                let data = HealthData { role: "origin", uptime_s: ctx.started().uptime_s(now) };
+                ctx.reply(client, ordered, |out| encode_ok_value(out, id, &data));
+            }
+            Op::Purge(_) => ctx.reply(client, ordered, |out| {
+                Reply::error(Status::WrongMethod, "the origin does not cache; PURGE a proxy or the balancer")
+                    .id(id)
+                    .encode(out)
+            }),
+        }
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<Delayed>, delayed: Delayed) {
+        self.delayed -= 1;
+        let id = delayed.id.as_deref().and_then(Id::from_raw_json);
+        ctx.complete(delayed.ticket, |out| self.answer_get(&delayed.key, id, delayed.received, out));
+    }
+}
