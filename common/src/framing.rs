@@ -139,7 +139,9 @@ mod tests {
 
     #[test]
     fn splitting_table_at_every_chunk_size() {
-        let table: &[(&[u8], &[&[u8]], bool)] = &[
+        // (input, lines expected, whether a too-long line ends it)
+        type Case<'a> = (&'a [u8], &'a [&'a [u8]], bool);
+        let table: &[Case] = &[
             (b"GET a\n", &[b"GET a"], false),
             (b"GET a\r\nGET b\n", &[b"GET a", b"GET b"], false),
             (b"GET a\nGET b", &[b"GET a"], false),

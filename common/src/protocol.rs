@@ -277,11 +277,7 @@ fn parse_json(text: &str) -> Result<Request<'_>, RequestError<'_>> {
 
 /// Builds the op from its name and argument. The text form treats an argument to an op that
 /// takes none as an error; the JSON form ignores a `key` that the op does not use.
-fn op_from_name<'a>(
-    name: &str,
-    key: Option<Cow<'a, str>>,
-    strict_args: bool,
-) -> Result<Op<'a>, RequestError<'a>> {
+fn op_from_name<'a>(name: &str, key: Option<Cow<'a, str>>, strict_args: bool) -> Result<Op<'a>, RequestError<'a>> {
     let takes_key = |key: Option<Cow<'a, str>>| -> Result<Key<'a>, RequestError<'a>> {
         let raw = key.ok_or_else(|| RequestError::bad("missing key"))?;
         Key::parse(raw).map_err(RequestError::bad)
@@ -482,7 +478,11 @@ mod tests {
             (r#"{"op":"get","key":"a","id":"x-1"}"#, get("a"), Some("\"x-1\"")),
             (r#"{"op":"get","key":"a","id":null}"#, get("a"), None),
             (r#"{"op":"get","key":"a","id":-1.5e3}"#, get("a"), Some("-1.5e3")),
-            (r#"{"op":"get","key":"a","id":123456789012345678901234567890}"#, get("a"), Some("123456789012345678901234567890")),
+            (
+                r#"{"op":"get","key":"a","id":123456789012345678901234567890}"#,
+                get("a"),
+                Some("123456789012345678901234567890"),
+            ),
             (r#"{"op":"metrics"}"#, Op::Metrics, None),
             (r#"{"op":"health","key":"ignored","extra":[1,{"a":2}]}"#, Op::Health, None),
             (r#"{"op":"purge","key":"article/1"}"#, Op::Purge(Key(Cow::Borrowed("article/1"))), None),
@@ -529,8 +529,25 @@ mod tests {
         let long = "a".repeat(257);
         let max = "a".repeat(256);
         let bad = [
-            "..", ".", "../secret", "a/../../secret", "a/./b", "/../x", "//etc/passwd", "a//b", "a/",
-            "%2e%2e/x", "a\\b", "..\\x", "a b", "a?b", "a#b", "a:b", "a\u{0}b", "é", long.as_str(),
+            "..",
+            ".",
+            "../secret",
+            "a/../../secret",
+            "a/./b",
+            "/../x",
+            "//etc/passwd",
+            "a//b",
+            "a/",
+            "%2e%2e/x",
+            "a\\b",
+            "..\\x",
+            "a b",
+            "a?b",
+            "a#b",
+            "a:b",
+            "a\u{0}b",
+            "é",
+            long.as_str(),
         ];
         for key in bad {
             let line = format!("{{\"op\":\"get\",\"key\":{}}}", serde_json::to_string(key).unwrap());

@@ -370,20 +370,32 @@ impl ShutdownHandle {
     }
 }
 
-/// Binds a listener (port 0 picks a free one) the way every service does.
-pub fn bind_listener(host: &str, port: u16) -> io::Result<StdListener> {
+/// Listen backlog: deep enough that a burst of connects is not dropped (a dropped SYN costs
+/// the client a one-second retransmit) while the loop is busy with other work.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Binds a listener (port 0 picks a free one) the way every service does: SO_REUSEADDR, so a
+/// restarted service gets its port back at once, and a backlog of [`LISTEN_BACKLOG`].
+pub fn bind_listener(host: &str, port: u16) -> io::Result<TcpListener> {
     let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
     let mut last_err = io::Error::new(io::ErrorKind::AddrNotAvailable, format!("{host} resolves to no address"));
     for addr in addrs {
-        match StdListener::bind(addr) {
-            Ok(listener) => {
-                listener.set_nonblocking(true)?;
-                return Ok(listener);
-            }
+        match bind_one(addr) {
+            Ok(listener) => return Ok(listener),
             Err(e) => last_err = io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")),
         }
     }
     Err(last_err)
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(socket.into()))
 }
 
 /// A service bound to its listener and ready to run.
@@ -410,16 +422,21 @@ impl<S: Service> Server<S> {
         Server::with_listener(config, listener, service)
     }
 
-    /// Runs on an already bound listener.
-    pub fn with_listener(config: ServerConfig, listener: StdListener, service: S) -> io::Result<Self> {
+    /// Runs on an already bound listener (made non-blocking here).
+    pub fn with_std_listener(config: ServerConfig, listener: StdListener, service: S) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
+        Server::with_listener(config, TcpListener::from_std(listener), service)
+    }
+
+    /// Runs on an already bound mio listener.
+    pub fn with_listener(config: ServerConfig, mut listener: TcpListener, service: S) -> io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
-        let mut listener = TcpListener::from_std(listener);
         registry.register(&mut listener, LISTENER, Interest::READABLE)?;
         let signals = if config.handle_signals {
-            let mut signals = signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+            let mut signals =
+                signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
             registry.register(&mut signals, SIGNALS, Interest::READABLE)?;
             Some(signals)
         } else {
@@ -475,7 +492,8 @@ impl<S: Service> Server<S> {
         info!("listening on {}", self.ctx.local_addr);
         loop {
             self.ctx.now = Instant::now();
-            let timeout = if self.again.is_empty() { self.ctx.timers.timeout(self.ctx.now) } else { Some(Duration::ZERO) };
+            let timeout =
+                if self.again.is_empty() { self.ctx.timers.timeout(self.ctx.now) } else { Some(Duration::ZERO) };
             if let Err(e) = self.poll.poll(&mut self.events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -510,16 +528,10 @@ impl<S: Service> Server<S> {
             match event.token() {
                 LISTENER => self.accept_all(),
                 SIGNALS => self.on_signals(),
-                WAKER => {
-                    if self.shutdown.requested.load(Ordering::SeqCst) {
-                        self.begin_drain("shutdown requested");
-                    }
-                }
+                WAKER if self.shutdown.requested.load(Ordering::SeqCst) => self.begin_drain("shutdown requested"),
                 token if token.0 >= PEER_BASE => self.service.on_peer_event(&mut self.ctx, token, event),
-                Token(t) if t >= CLIENT_BASE => {
-                    if self.ctx.clients.contains(t - CLIENT_BASE) {
-                        self.drive(t - CLIENT_BASE);
-                    }
+                Token(t) if t >= CLIENT_BASE && self.ctx.clients.contains(t - CLIENT_BASE) => {
+                    self.drive(t - CLIENT_BASE)
                 }
                 _ => {}
             }
@@ -595,7 +607,8 @@ impl<S: Service> Server<S> {
         let serial = self.ctx.next_serial;
         self.ctx.next_serial += 1;
         let id = ClientId { index, serial };
-        let idle_timer = Some(self.ctx.timers.schedule(self.ctx.now + self.ctx.config.idle_timeout, LoopTimer::Idle(id)));
+        let idle_timer =
+            Some(self.ctx.timers.schedule(self.ctx.now + self.ctx.config.idle_timeout, LoopTimer::Idle(id)));
         entry.insert(Client {
             stream,
             serial,

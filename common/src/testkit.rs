@@ -152,7 +152,9 @@ impl ChildService {
             other => {
                 let _ = child.kill();
                 let status = child.wait()?;
-                return Err(io::Error::other(format!("{program} did not announce readiness ({other:?}); exit {status}")));
+                return Err(io::Error::other(format!(
+                    "{program} did not announce readiness ({other:?}); exit {status}"
+                )));
             }
         };
         Ok(ChildService { child, addr, _stdout: reader })
@@ -218,4 +220,77 @@ fn forward_ready_line(stdout: ChildStdout, tx: mpsc::Sender<Option<SocketAddr>>)
     if !sent {
         let _ = tx.send(None);
     }
+}
+
+/// A service running in-process on its own thread, drained and joined when dropped.
+pub struct RunningServer {
+    addr: SocketAddr,
+    handle: crate::server::ShutdownHandle,
+    thread: Option<thread::JoinHandle<io::Result<()>>>,
+}
+
+impl RunningServer {
+    pub fn start<S>(server: crate::server::Server<S>) -> Self
+    where
+        S: crate::server::Service + Send + 'static,
+        S::Timer: Send,
+    {
+        let addr = server.local_addr();
+        let handle = server.shutdown_handle();
+        let thread = thread::spawn(move || server.run());
+        RunningServer { addr, handle, thread: Some(thread) }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Drains the server and waits for its loop to return.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> io::Result<()> {
+        self.handle.shutdown();
+        match self.thread.take() {
+            Some(thread) => thread.join().map_err(|_| io::Error::other("server thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+/// A fresh, empty directory under the system temp dir, unique to this process and call.
+pub fn temp_dir(label: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("cachetier-{label}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// The resident set size of process `pid` in KiB, from /proc (None where that is unavailable).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Connects to `addr` from the loopback source address `127.0.0.{2 + n % 200}`. Tests that
+/// open thousands of short connections spread them over many source addresses so that the
+/// TIME_WAIT sockets they leave behind never exhaust one address's ephemeral ports.
+pub fn connect_from_spread_source(addr: SocketAddr, n: usize) -> io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let source = SocketAddr::from(([127, 0, 0, 2 + (n % 200) as u8], 0));
+    socket.bind(&source.into())?;
+    socket.connect(&addr.into())?;
+    Ok(socket.into())
 }

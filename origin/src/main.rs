@@ -45,7 +45,8 @@ fn main() -> ExitCode {
         server: args.server.to_config(args.port),
         data_dir: args.data_dir,
         latency: Duration::from_millis(args.latency_ms),
-        synthetic: (args.synthetic_keys > 0).then_some(Synthetic { count: args.synthetic_keys, value_bytes: args.value_bytes }),
+        synthetic: (args.synthetic_keys > 0)
+            .then_some(Synthetic { count: args.synthetic_keys, value_bytes: args.value_bytes }),
         max_file_bytes: args.max_file_bytes,
     };
     match origin::run(config) {

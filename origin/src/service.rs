@@ -128,12 +128,8 @@ impl Service for Origin {
             }
             Op::Get(key) => {
                 let ticket = ctx.defer(client, ordered);
-                let delayed = Delayed {
-                    ticket,
-                    key: key.as_str().into(),
-                    id: id.map(|id| id.as_json().into()),
-                    received: now,
-                };
+                let delayed =
+                    Delayed { ticket, key: key.as_str().into(), id: id.map(|id| id.as_json().into()), received: now };
                 ctx.schedule(now + self.latency, delayed);
                 self.delayed += 1;
             }

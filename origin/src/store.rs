@@ -126,7 +126,8 @@ fn compact_to_one_line(out: &mut Vec<u8>, start: usize) {
 /// `synthetic/N` with N in canonical decimal (no sign, no leading zeros).
 fn synthetic_index(key: &str) -> Option<u64> {
     let digits = key.strip_prefix(SYNTHETIC_PREFIX)?;
-    let canonical = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && (digits == "0" || !digits.starts_with('0'));
+    let canonical =
+        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && (digits == "0" || !digits.starts_with('0'));
     if canonical {
         digits.parse().ok()
     } else {

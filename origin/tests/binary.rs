@@ -1,0 +1,73 @@
+//! The real `origin` binary, started as a child process on port 0.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::testkit::{metrics, wait_until, ChildService, LineClient};
+
+const BIN: &str = env!("CARGO_BIN_EXE_origin");
+
+fn data_dir() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").display().to_string()
+}
+
+#[test]
+fn the_binary_announces_its_port_and_answers_a_pipelined_burst_in_order() {
+    let origin = ChildService::spawn(BIN, &["--port", "0", "--data-dir", &data_dir()]).unwrap();
+    let mut c = LineClient::connect(origin.addr()).unwrap();
+    c.send_raw(b"GET article/1\n{\"op\":\"get\",\"key\":\"article/2\",\"id\":5}\nMETRICS\n").unwrap();
+    let a = c.recv().unwrap();
+    let b = c.recv().unwrap();
+    let m = c.recv().unwrap();
+    assert_eq!((a["status"].as_str(), &a["data"]["id"]), (Some("OK"), &serde_json::json!(1)));
+    assert_eq!((b["data"]["id"].as_u64(), b["id"].as_u64()), (Some(2), Some(5)));
+    assert_eq!(m["data"]["role"], "origin");
+    assert_eq!(m["data"]["ok"], 2);
+}
+
+#[test]
+fn sigterm_while_a_delayed_request_is_pending_answers_it_and_exits_zero() {
+    let mut origin = ChildService::spawn(
+        BIN,
+        &["--port", "0", "--data-dir", &data_dir(), "--latency-ms", "500", "--log-level", "warn"],
+    )
+    .unwrap();
+    let addr = origin.addr();
+    let mut c = LineClient::connect(addr).unwrap();
+    c.send("GET article/1").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || metrics(addr).unwrap()["pending"] == 1));
+    origin.signal("TERM").unwrap();
+    let answer = c.recv().unwrap();
+    assert_eq!(answer["status"], "OK");
+    assert_eq!(answer["data"]["id"], 1);
+    assert_eq!(origin.wait_exit(Duration::from_secs(5)).unwrap(), Some(0));
+}
+
+#[test]
+fn sigint_on_an_idle_origin_exits_zero() {
+    let mut origin = ChildService::spawn(BIN, &["--port", "0", "--data-dir", &data_dir()]).unwrap();
+    let _idle = LineClient::connect(origin.addr()).unwrap();
+    origin.signal("INT").unwrap();
+    assert_eq!(origin.wait_exit(Duration::from_secs(5)).unwrap(), Some(0));
+}
+
+#[test]
+fn start_up_errors_are_clear_and_non_zero() {
+    let missing = Command::new(BIN).args(["--port", "0", "--data-dir", "/nonexistent/origin-data"]).output().unwrap();
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("/nonexistent/origin-data"), "{stderr}");
+
+    let unknown = Command::new(BIN).args(["--port", "0", "--frobnicate"]).output().unwrap();
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("--frobnicate"));
+
+    // A taken port is an error too, not a silent retry elsewhere.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port().to_string();
+    let taken = Command::new(BIN).args(["--port", &port, "--data-dir", &data_dir()]).output().unwrap();
+    assert!(!taken.status.success());
+    assert!(String::from_utf8_lossy(&taken.stderr).contains(&port));
+}
