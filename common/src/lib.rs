@@ -10,3 +10,4 @@ pub mod protocol;
 pub mod server;
 pub mod testkit;
 pub mod timers;
+pub mod upstream;

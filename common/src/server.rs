@@ -121,6 +121,9 @@ pub trait Service {
     /// The service's own timer events.
     type Timer;
 
+    /// Called once when the loop starts, to schedule the service's first timers.
+    fn on_start(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
+
     /// A complete, non-blank request line from `client` (without `\r\n`). The service answers
     /// every line exactly once, through [`Ctx::reply`] now or [`Ctx::defer`] and
     /// [`Ctx::complete`] later.
@@ -490,6 +493,8 @@ impl<S: Service> Server<S> {
             stdout.flush()?;
         }
         info!("listening on {}", self.ctx.local_addr);
+        self.ctx.now = Instant::now();
+        self.service.on_start(&mut self.ctx);
         loop {
             self.ctx.now = Instant::now();
             let timeout =

@@ -294,3 +294,120 @@ pub fn connect_from_spread_source(addr: SocketAddr, n: usize) -> io::Result<TcpS
     socket.connect(&addr.into())?;
     Ok(socket.into())
 }
+
+/// How a [`FakeServer`] treats each request line it reads.
+#[derive(Clone, Debug)]
+pub enum FakeBehavior {
+    /// Reads requests and never answers.
+    Silent,
+    /// Answers every request with this exact line (a `\n` is added).
+    Reply(String),
+    /// Closes the connection as soon as a request arrives, without answering.
+    CloseWithoutAnswer,
+    /// Answers one request with this line, then closes (a one-shot peer).
+    ReplyThenClose(String),
+    /// Answers the first request of each connection with this line, and closes on the second
+    /// without answering it: a peer that dropped a kept-alive connection just as it was reused.
+    ReplyFirstOnly(String),
+}
+
+/// A deliberately simple, misbehaving peer for failure tests: a thread per connection,
+/// counting the request lines it receives. Stops accepting when dropped.
+pub struct FakeServer {
+    addr: SocketAddr,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeServer {
+    pub fn start(behavior: FakeBehavior) -> io::Result<FakeServer> {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (counter, stopping) = (requests.clone(), stop.clone());
+        thread::spawn(move || {
+            while !stopping.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (behavior, counter, stopping) = (behavior.clone(), counter.clone(), stopping.clone());
+                        thread::spawn(move || serve_fake(stream, behavior, counter, stopping));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Ok(FakeServer { addr, requests, stop })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Request lines received so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn serve_fake(
+    stream: TcpStream,
+    behavior: FakeBehavior,
+    counter: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    let mut seen = 0;
+    while !stop.load(Ordering::SeqCst) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) if line.ends_with('\n') => {
+                counter.fetch_add(1, Ordering::SeqCst);
+                line.clear();
+                seen += 1;
+                match &behavior {
+                    FakeBehavior::Silent => {}
+                    FakeBehavior::Reply(answer) => {
+                        if writer.write_all(format!("{answer}\n").as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                    FakeBehavior::CloseWithoutAnswer => return,
+                    FakeBehavior::ReplyThenClose(answer) => {
+                        let _ = writer.write_all(format!("{answer}\n").as_bytes());
+                        return;
+                    }
+                    FakeBehavior::ReplyFirstOnly(answer) => {
+                        if seen > 1 || writer.write_all(format!("{answer}\n").as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A loopback port that refuses connections: bound once, then released.
+pub fn refused_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").ok();
+    let addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+    drop(listener);
+    addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1)))
+}

@@ -1,1 +1,110 @@
-fn main() {}
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use common::cli::{parse_seconds, ServerArgs};
+use proxy::{CacheConfig, Policy, ProxyConfig};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CacheType {
+    Ttl,
+    Lru,
+}
+
+/// A caching proxy in front of the origin.
+#[derive(Parser, Debug)]
+#[command(name = "proxy", version, about)]
+struct Args {
+    /// Port to listen on (0 picks a free one); also this node's id in answers.
+    #[arg(long)]
+    port: u16,
+
+    /// Origin host.
+    #[arg(long, alias = "origin_host", default_value = "127.0.0.1")]
+    origin_host: String,
+
+    /// Origin port.
+    #[arg(long, alias = "origin_port", default_value_t = 8000)]
+    origin_port: u16,
+
+    /// Eviction policy: ttl (entries expire; the soonest to expire is evicted first) or lru.
+    #[arg(long, alias = "cache_type", value_enum, default_value = "ttl")]
+    cache_type: CacheType,
+
+    /// Seconds an entry stays fresh under --cache-type ttl (fractions allowed).
+    #[arg(long, default_value = "30", value_parser = parse_seconds)]
+    ttl: Duration,
+
+    /// Most entries in the cache.
+    #[arg(long, alias = "lru_capacity", default_value_t = 10_000)]
+    capacity: usize,
+
+    /// Most key + value bytes in the cache (unbounded if not given).
+    #[arg(long)]
+    max_bytes: Option<u64>,
+
+    /// Cache NOT_FOUND answers for this many seconds (0 = never).
+    #[arg(long, default_value = "0", value_parser = parse_seconds)]
+    negative_ttl: Duration,
+
+    /// Serve an entry that expired less than this many seconds ago when the origin fails (0 = off).
+    #[arg(long, default_value = "0", value_parser = parse_seconds)]
+    stale_if_error: Duration,
+
+    /// How often expired entries are swept out.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    sweep_interval_ms: u64,
+
+    /// Give up on an origin fetch after this long.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    origin_timeout_ms: u64,
+
+    /// Most origin fetches at once; more wait in a queue.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    origin_max_inflight: u64,
+
+    /// Most GETs waiting on the origin at once; past it, OVERLOADED.
+    #[arg(long, default_value_t = 10_000)]
+    max_pending: usize,
+
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    common::logging::init(args.server.log_level);
+    let origin = match proxy::resolve(&args.origin_host, args.origin_port) {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("proxy: origin {}:{}: {e}", args.origin_host, args.origin_port);
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = ProxyConfig {
+        server: args.server.to_config(args.port),
+        origin,
+        cache: CacheConfig {
+            policy: match args.cache_type {
+                CacheType::Ttl => Policy::Ttl,
+                CacheType::Lru => Policy::Lru,
+            },
+            capacity: args.capacity,
+            max_bytes: args.max_bytes,
+            ttl: args.ttl,
+            negative_ttl: args.negative_ttl,
+            stale_grace: args.stale_if_error,
+        },
+        sweep_interval: Duration::from_millis(args.sweep_interval_ms),
+        origin_timeout: Duration::from_millis(args.origin_timeout_ms),
+        origin_max_inflight: args.origin_max_inflight as usize,
+        max_pending: args.max_pending,
+    };
+    match proxy::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -37,6 +37,7 @@ impl KeyIndex {
         (h ^ (h >> 32)) as u32
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }

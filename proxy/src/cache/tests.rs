@@ -215,7 +215,8 @@ impl Model {
         match self.cfg.policy {
             Policy::Ttl => by(&|i| (i.expires, i.negative as u64, i.inserted)),
             Policy::Lru => {
-                let oldest_negative = self.items.iter().enumerate().filter(|(_, i)| i.negative).min_by_key(|(_, i)| i.inserted);
+                let oldest_negative =
+                    self.items.iter().enumerate().filter(|(_, i)| i.negative).min_by_key(|(_, i)| i.inserted);
                 let lru = self.items.iter().enumerate().filter(|(_, i)| !i.negative).min_by_key(|(_, i)| i.used);
                 match (lru, oldest_negative) {
                     (_, Some((p, i))) if i.expires <= now => Some(p),
@@ -238,7 +239,8 @@ impl Model {
         if let Some(pos) = self.pos(key) {
             self.remove(pos);
         }
-        while self.stats.entries >= self.cfg.capacity || self.cfg.max_bytes.is_some_and(|m| self.stats.bytes + size > m) {
+        while self.stats.entries >= self.cfg.capacity || self.cfg.max_bytes.is_some_and(|m| self.stats.bytes + size > m)
+        {
             let Some(pos) = self.victim(now) else { break };
             self.remove(pos);
             self.stats.evictions += 1;
@@ -272,8 +274,12 @@ impl Model {
                 if removed == budget {
                     return removed;
                 }
-                let oldest =
-                    self.items.iter().enumerate().filter(|(_, i)| i.negative == negative).min_by_key(|(_, i)| i.inserted);
+                let oldest = self
+                    .items
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, i)| i.negative == negative)
+                    .min_by_key(|(_, i)| i.inserted);
                 match oldest {
                     Some((pos, item)) if item.expires.saturating_add(self.grace()) <= now => {
                         self.remove(pos);

@@ -1,0 +1,439 @@
+//! The proxy's request handling on the shared event loop.
+//!
+//! A GET is answered from the cache when it can be (copying the stored bytes into the
+//! client's output); otherwise it waits on an origin fetch, shared with every other request
+//! for the same key. Fetches run on the loop without blocking, so hits and other clients are
+//! served while the origin is slow.
+
+use std::borrow::Cow;
+use std::time::{Duration, Instant};
+
+use common::metrics::{ratio, HealthData, LatencyHistogram, LatencySummary};
+use common::protocol::{encode_ok_value, parse_request, Data, Id, Op, Reply, Status};
+use common::server::{peer_index, ClientId, Ctx, Service, Ticket};
+use log::debug;
+use mio::event::Event;
+use mio::Token;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::cache::{Cache, Cached};
+use crate::fetch::{FetchId, Fetches, Joined};
+use crate::origin_pool::{ConnEvent, Failure, OriginPool};
+use crate::ProxyConfig;
+
+/// Entries the sweep may remove per tick; if it removes that many it runs again at once
+/// (next loop turn) instead of waiting a whole interval, so no tick is long.
+const SWEEP_BUDGET: usize = 10_000;
+
+/// A request waiting on a fetch.
+pub struct Waiter {
+    ticket: Ticket,
+    id: Option<Box<str>>,
+    received: Instant,
+}
+
+pub enum Timer {
+    Sweep,
+    FetchTimeout(FetchId),
+}
+
+#[derive(Default, Debug, Clone, Copy)]
+struct Counters {
+    hits: u64,
+    misses: u64,
+    origin_fetches: u64,
+    origin_errors: u64,
+    coalesced: u64,
+    stale_served: u64,
+    overloaded: u64,
+}
+
+/// How a fetch ended.
+enum Outcome<'a> {
+    /// OK, with the encoded `data`.
+    Value(&'a [u8]),
+    NotFound,
+    /// ORIGIN_ERROR, with the origin's `data` as encoded JSON.
+    OriginError(&'a [u8]),
+    /// The origin could not give an answer.
+    Failure(Cow<'a, str>),
+}
+
+/// Everything but the origin connections, so that an answer line borrowed from the pool can
+/// be handed to it.
+struct Core {
+    cache: Cache,
+    fetches: Fetches<Waiter>,
+    counters: Counters,
+    latency_us: LatencyHistogram,
+    node: u16,
+    origin_timeout: Duration,
+    sweep_interval: Duration,
+}
+
+pub struct Proxy {
+    core: Core,
+    pool: OriginPool,
+}
+
+impl Proxy {
+    pub fn new(config: &ProxyConfig, node: u16, now: Instant) -> Self {
+        Proxy {
+            core: Core {
+                cache: Cache::new(config.cache.clone(), now),
+                fetches: Fetches::new(config.origin_max_inflight, config.max_pending),
+                counters: Counters::default(),
+                latency_us: LatencyHistogram::new(),
+                node,
+                origin_timeout: config.origin_timeout,
+                sweep_interval: config.sweep_interval,
+            },
+            pool: OriginPool::new(config.origin, config.origin_max_inflight),
+        }
+    }
+
+    fn get(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, key: &str, id: Option<Id<'_>>) {
+        let now = ctx.now();
+        let core = &mut self.core;
+        if let Some(cached) = core.cache.get(key, now) {
+            core.counters.hits += 1;
+            let node = core.node;
+            ctx.reply(client, id.is_none(), |out| encode_cached(out, cached, id, node, false));
+            core.latency_us.record(now.elapsed());
+            return;
+        }
+        core.counters.misses += 1;
+        let ticket = ctx.defer(client, id.is_none());
+        let waiter = Waiter { ticket, id: id.map(|id| id.as_json().into()), received: now };
+        match core.fetches.join(key, waiter) {
+            Ok(Joined::Start(fetch)) => {
+                self.arm_timeout(ctx, fetch);
+                self.start(ctx, fetch);
+            }
+            Ok(Joined::Queued(fetch)) => self.arm_timeout(ctx, fetch),
+            Ok(Joined::Coalesced(_)) => core.counters.coalesced += 1,
+            Err(waiter) => {
+                core.counters.overloaded += 1;
+                ctx.complete(waiter.ticket, |out| {
+                    Reply::error(Status::Overloaded, "too many requests waiting on the origin").id(id).encode(out)
+                });
+            }
+        }
+    }
+
+    /// The origin timeout runs from the moment a fetch exists, queued or not: no request
+    /// waits on the origin longer than `--origin-timeout-ms`.
+    fn arm_timeout(&mut self, ctx: &mut Ctx<Timer>, fetch: FetchId) {
+        let timer = ctx.schedule(ctx.now() + self.core.origin_timeout, Timer::FetchTimeout(fetch));
+        if let Some(f) = self.core.fetches.get_mut(fetch) {
+            f.timer = Some(timer);
+        }
+    }
+
+    /// Sends a running fetch to the origin.
+    fn start(&mut self, ctx: &mut Ctx<Timer>, fetch: FetchId) {
+        let Some(f) = self.core.fetches.get(fetch) else { return };
+        let fresh = f.retried;
+        if !fresh {
+            self.core.counters.origin_fetches += 1;
+        }
+        match self.pool.send(fetch, &f.key, fresh, ctx.registry()) {
+            Ok(conn) => {
+                if let Some(f) = self.core.fetches.get_mut(fetch) {
+                    f.conn = Some(conn);
+                }
+            }
+            Err(e) => {
+                let reason = Failure::Refused(e).describe();
+                self.finish(ctx, fetch, Outcome::Failure(reason.into()));
+            }
+        }
+    }
+
+    /// Ends a fetch and starts queued ones in the freed slots.
+    fn finish(&mut self, ctx: &mut Ctx<Timer>, fetch: FetchId, outcome: Outcome<'_>) {
+        self.core.finish(ctx, fetch, outcome);
+        self.start_queued(ctx);
+    }
+
+    fn start_queued(&mut self, ctx: &mut Ctx<Timer>) {
+        while let Some(next) = self.core.fetches.start_next() {
+            self.start(ctx, next);
+        }
+    }
+
+    fn on_origin_event(&mut self, ctx: &mut Ctx<Timer>, conn: usize) {
+        match self.pool.on_event(conn, ctx.registry()) {
+            ConnEvent::Nothing => {}
+            ConnEvent::Answer { fetch } => {
+                let line = self.pool.answer(conn).unwrap_or_default();
+                self.core.finish(ctx, fetch, classify(line));
+                self.pool.answered(conn, ctx.registry());
+                self.start_queued(ctx);
+            }
+            ConnEvent::Failed { fetch, failure: Failure::StaleConnection } => {
+                // Once, on a new connection: the origin had closed the idle one.
+                match self.core.fetches.get_mut(fetch) {
+                    Some(f) if !f.retried => {
+                        f.retried = true;
+                        f.conn = None;
+                        self.start(ctx, fetch);
+                    }
+                    _ => self.finish(ctx, fetch, Outcome::Failure(Failure::StaleConnection.describe().into())),
+                }
+            }
+            ConnEvent::Failed { fetch, failure } => {
+                self.finish(ctx, fetch, Outcome::Failure(failure.describe().into()));
+            }
+        }
+    }
+
+    fn on_fetch_timeout(&mut self, ctx: &mut Ctx<Timer>, fetch: FetchId) {
+        let Some(f) = self.core.fetches.get_mut(fetch) else { return };
+        // The timer has fired: nothing to cancel later.
+        f.timer = None;
+        if let Some(conn) = f.conn.take() {
+            // A late answer on this connection would belong to nobody: close it.
+            self.pool.close(conn, ctx.registry());
+        }
+        let reason = format!("origin did not answer within {} ms", self.core.origin_timeout.as_millis());
+        self.finish(ctx, fetch, Outcome::Failure(reason.into()));
+    }
+
+    fn metrics<T>(&self, ctx: &Ctx<T>) -> MetricsData {
+        let core = &self.core;
+        let c = core.counters;
+        let stats = core.cache.stats();
+        let config = core.cache.config();
+        MetricsData {
+            role: "proxy",
+            node: core.node,
+            start_time: ctx.started().rfc3339(),
+            uptime_s: ctx.started().uptime_s(ctx.now()),
+            total_requests: ctx.total_requests() + 1,
+            hits: c.hits,
+            misses: c.misses,
+            hit_rate: ratio(c.hits, c.misses),
+            origin_fetches: c.origin_fetches,
+            origin_errors: c.origin_errors,
+            coalesced: c.coalesced,
+            stale_served: c.stale_served,
+            overloaded: c.overloaded,
+            cache_type: config.policy.name(),
+            entries: stats.entries,
+            capacity: config.capacity,
+            bytes: stats.bytes,
+            max_bytes: config.max_bytes,
+            evictions: stats.evictions,
+            expirations: stats.expirations,
+            purges: stats.purges,
+            connections: ctx.connections(),
+            fetches_running: core.fetches.running(),
+            fetches_queued: core.fetches.queued(),
+            waiting_on_origin: core.fetches.waiting(),
+            origin: self.pool.addr().to_string(),
+            origin_connections: self.pool.open(),
+            origin_connects: self.pool.connects(),
+            latency_us: core.latency_us.summary(),
+        }
+    }
+}
+
+impl Core {
+    /// Answers every waiter of `fetch` with its outcome, caching it when it may be cached.
+    fn finish(&mut self, ctx: &mut Ctx<Timer>, fetch: FetchId, outcome: Outcome<'_>) {
+        let Some(f) = self.fetches.finish(fetch) else { return };
+        if let Some(timer) = f.timer {
+            ctx.cancel(timer);
+        }
+        let now = ctx.now();
+        let key: &str = &f.key;
+        match outcome {
+            Outcome::Value(value) if !f.purged => {
+                self.cache.insert(key, value, false, now);
+            }
+            Outcome::NotFound if !f.purged => {
+                self.cache.insert(key, b"", true, now);
+            }
+            Outcome::OriginError(_) | Outcome::Failure(_) => self.counters.origin_errors += 1,
+            _ => {}
+        }
+        let stale = match &outcome {
+            Outcome::Failure(_) => self.cache.get_stale(key, now),
+            _ => None,
+        };
+        if let (Some(_), Outcome::Failure(reason)) = (&stale, &outcome) {
+            debug!("serving {key} stale: {reason}");
+            self.counters.stale_served += f.waiters.len() as u64;
+        }
+        let node = self.node;
+        for waiter in f.waiters {
+            let id = waiter.id.as_deref().and_then(Id::from_raw_json);
+            ctx.complete(waiter.ticket, |out| match (&outcome, stale) {
+                (_, Some(cached)) => encode_cached(out, cached, id, node, true),
+                (Outcome::Value(value), _) => encode_fetched(out, Status::Ok, Data::Json(value), id, node),
+                (Outcome::NotFound, _) => encode_fetched(out, Status::NotFound, Data::Null, id, node),
+                (Outcome::OriginError(data), _) => encode_fetched(out, Status::OriginError, Data::Json(data), id, node),
+                (Outcome::Failure(reason), _) => {
+                    encode_fetched(out, Status::OriginFailure, Data::Message(reason), id, node)
+                }
+            });
+            self.latency_us.record(waiter.received.elapsed());
+        }
+    }
+}
+
+/// A cache hit (or a stale answer): OK with the stored bytes, or a cached NOT_FOUND.
+fn encode_cached(out: &mut Vec<u8>, cached: Cached<'_>, id: Option<Id<'_>>, node: u16, stale: bool) {
+    let mut reply = if cached.negative { Reply::new(Status::NotFound, Data::Null) } else { Reply::ok(cached.value) };
+    reply.id = id;
+    reply.cache_hit = Some(true);
+    reply.node = Some(node);
+    reply.stale = stale;
+    reply.encode(out);
+}
+
+fn encode_fetched(out: &mut Vec<u8>, status: Status, data: Data<'_>, id: Option<Id<'_>>, node: u16) {
+    let mut reply = Reply::new(status, data);
+    reply.id = id;
+    reply.cache_hit = Some(false);
+    reply.node = Some(node);
+    reply.encode(out);
+}
+
+#[derive(Deserialize)]
+struct OriginAnswer<'a> {
+    #[serde(borrow)]
+    status: Cow<'a, str>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// Reads an origin answer line. Only `OK` (with data), `NOT_FOUND` and `ORIGIN_ERROR` are
+/// answers; anything else is the origin failing.
+fn classify(line: &[u8]) -> Outcome<'_> {
+    let Ok(answer) = serde_json::from_slice::<OriginAnswer>(line) else {
+        let shown = String::from_utf8_lossy(&line[..line.len().min(80)]).into_owned();
+        return Outcome::Failure(format!("origin answered garbage: {shown:?}").into());
+    };
+    match (answer.status.as_ref(), answer.data) {
+        ("OK", Some(data)) => Outcome::Value(data.get().as_bytes()),
+        ("OK", None) => Outcome::Failure("origin answered OK without data".into()),
+        ("NOT_FOUND", _) => Outcome::NotFound,
+        ("ORIGIN_ERROR", data) => Outcome::OriginError(data.map_or(&b"null"[..], |d| d.get().as_bytes())),
+        (other, _) => Outcome::Failure(format!("origin answered {}", &other[..other.len().min(40)]).into()),
+    }
+}
+
+#[derive(Serialize)]
+struct MetricsData {
+    role: &'static str,
+    node: u16,
+    start_time: String,
+    uptime_s: u64,
+    total_requests: u64,
+    hits: u64,
+    misses: u64,
+    hit_rate: f64,
+    origin_fetches: u64,
+    origin_errors: u64,
+    coalesced: u64,
+    stale_served: u64,
+    overloaded: u64,
+    cache_type: &'static str,
+    entries: usize,
+    capacity: usize,
+    bytes: u64,
+    max_bytes: Option<u64>,
+    evictions: u64,
+    expirations: u64,
+    purges: u64,
+    connections: usize,
+    fetches_running: usize,
+    fetches_queued: usize,
+    waiting_on_origin: usize,
+    origin: String,
+    origin_connections: usize,
+    origin_connects: u64,
+    latency_us: LatencySummary,
+}
+
+#[derive(Serialize)]
+struct PurgeData {
+    purged: bool,
+}
+
+impl Service for Proxy {
+    type Timer = Timer;
+
+    fn on_start(&mut self, ctx: &mut Ctx<Timer>) {
+        ctx.schedule(ctx.now() + self.core.sweep_interval, Timer::Sweep);
+    }
+
+    fn on_line(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, line: &[u8]) {
+        let request = match parse_request(line) {
+            Ok(request) => request,
+            Err(e) => return ctx.reply(client, e.id.is_none(), |out| e.encode(out)),
+        };
+        let id = request.id;
+        let ordered = id.is_none();
+        match request.op {
+            Op::Get(key) => self.get(ctx, client, key.as_str(), id),
+            Op::Purge(key) => {
+                let purged = self.core.cache.purge(key.as_str());
+                self.core.fetches.purge(key.as_str());
+                ctx.reply(client, ordered, |out| encode_ok_value(out, id, &PurgeData { purged }));
+            }
+            Op::Metrics => {
+                let data = self.metrics(ctx);
+                ctx.reply(client, ordered, |out| encode_ok_value(out, id, &data));
+            }
+            Op::Health => {
+                let data = HealthData { role: "proxy", uptime_s: ctx.started().uptime_s(ctx.now()) };
+                ctx.reply(client, ordered, |out| encode_ok_value(out, id, &data));
+            }
+        }
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<Timer>, timer: Timer) {
+        match timer {
+            Timer::Sweep => {
+                let removed = self.core.cache.sweep(ctx.now(), SWEEP_BUDGET);
+                let next = if removed == SWEEP_BUDGET { Duration::ZERO } else { self.core.sweep_interval };
+                ctx.schedule(ctx.now() + next, Timer::Sweep);
+            }
+            Timer::FetchTimeout(fetch) => self.on_fetch_timeout(ctx, fetch),
+        }
+    }
+
+    fn on_peer_event(&mut self, ctx: &mut Ctx<Timer>, token: Token, _event: &Event) {
+        if let Some(conn) = peer_index(token) {
+            self.on_origin_event(ctx, conn);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_answers_are_classified() {
+        assert!(matches!(classify(br#"{"status":"OK","data":{"a":[1, 2]}}"#), Outcome::Value(b"{\"a\":[1, 2]}")));
+        assert!(matches!(classify(br#"{"status":"NOT_FOUND","data":null}"#), Outcome::NotFound));
+        assert!(matches!(
+            classify(br#"{"status":"ORIGIN_ERROR","data":"bad file"}"#),
+            Outcome::OriginError(b"\"bad file\"")
+        ));
+        for garbage in [
+            &b"hello"[..],
+            b"{\"status\":\"OK\"}",
+            b"{\"status\":\"BAD_REQUEST\",\"data\":null}",
+            b"{\"data\":1}",
+            b"\xff",
+        ] {
+            assert!(matches!(classify(garbage), Outcome::Failure(_)), "{:?}", String::from_utf8_lossy(garbage));
+        }
+    }
+}
