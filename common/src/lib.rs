@@ -7,6 +7,7 @@ pub mod framing;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;
+pub mod random;
 pub mod server;
 pub mod testkit;
 pub mod timers;

@@ -1,27 +1,40 @@
-//! A hash index from key to slab slot: open addressing with linear probing over `u32` slot
-//! numbers, deleting by backward shift (no tombstones).
+//! A hash index from key to slab slot: open addressing with linear probing, deleting by
+//! backward shift (no tombstones).
 //!
 //! Why not `HashMap<Box<str>, u32>`: that would keep every key twice (once in the map, once
-//! with the value) and add a pointer and an allocation per entry. Here a bucket is 4 bytes
-//! and the key lives only in the entry, so the index costs about 8 bytes per entry at the
-//! usual load. Hashing is SipHash with a per-process random key, so clients cannot choose
+//! with the value) and add a pointer and an allocation per entry. Here a bucket is 8 bytes —
+//! the slot number and the key's 32-bit hash — and the key lives only in the entry. Keeping
+//! the hash in the bucket means probing past other keys reads only the bucket array; an
+//! entry is touched only when its hash matches (with a large cache, each touch is a likely
+//! cache miss). Hashing is SipHash with a per-process random key, so clients cannot choose
 //! keys that collide.
 
 use std::hash::{BuildHasher, RandomState};
 
-const EMPTY: u32 = u32::MAX;
+const EMPTY: u64 = u64::MAX;
+
+fn pack(hash: u32, slot: u32) -> u64 {
+    (u64::from(hash) << 32) | u64::from(slot)
+}
+
+fn hash_of(bucket: u64) -> u32 {
+    (bucket >> 32) as u32
+}
+
+fn slot_of(bucket: u64) -> u32 {
+    bucket as u32
+}
 /// Grow when more than this fraction (in eighths) of the buckets is used.
 const MAX_LOAD_EIGHTHS: usize = 6;
 
 /// What the index needs to know about the entries it points at.
 pub trait Keyed {
-    fn hash_of(&self, slot: u32) -> u32;
     fn key_of(&self, slot: u32) -> &[u8];
 }
 
 #[derive(Debug)]
 pub struct KeyIndex {
-    buckets: Vec<u32>,
+    buckets: Vec<u64>,
     len: usize,
     hasher: RandomState,
 }
@@ -44,7 +57,7 @@ impl KeyIndex {
 
     /// Bytes held by the bucket array.
     pub fn heap_bytes(&self) -> usize {
-        self.buckets.capacity() * std::mem::size_of::<u32>()
+        self.buckets.capacity() * std::mem::size_of::<u64>()
     }
 
     fn mask(&self) -> usize {
@@ -53,18 +66,18 @@ impl KeyIndex {
 
     /// The slot holding `key`, if any.
     pub fn find(&self, key: &[u8], hash: u32, entries: &impl Keyed) -> Option<u32> {
-        self.find_bucket(key, hash, entries).map(|b| self.buckets[b])
+        self.find_bucket(key, hash, entries).map(|b| slot_of(self.buckets[b]))
     }
 
     fn find_bucket(&self, key: &[u8], hash: u32, entries: &impl Keyed) -> Option<usize> {
         let mask = self.mask();
         let mut b = hash as usize & mask;
         loop {
-            let slot = self.buckets[b];
-            if slot == EMPTY {
+            let bucket = self.buckets[b];
+            if bucket == EMPTY {
                 return None;
             }
-            if entries.hash_of(slot) == hash && entries.key_of(slot) == key {
+            if hash_of(bucket) == hash && entries.key_of(slot_of(bucket)) == key {
                 return Some(b);
             }
             b = (b + 1) & mask;
@@ -72,35 +85,35 @@ impl KeyIndex {
     }
 
     /// Records that `slot` (whose key is not in the index yet) has hash `hash`.
-    pub fn insert(&mut self, hash: u32, slot: u32, entries: &impl Keyed) {
+    pub fn insert(&mut self, hash: u32, slot: u32) {
         if (self.len + 1) * 8 > self.buckets.len() * MAX_LOAD_EIGHTHS {
-            self.grow(entries);
+            self.grow();
         }
-        self.place(hash, slot);
+        self.place(pack(hash, slot));
         self.len += 1;
     }
 
-    fn place(&mut self, hash: u32, slot: u32) {
+    fn place(&mut self, bucket: u64) {
         let mask = self.mask();
-        let mut b = hash as usize & mask;
+        let mut b = hash_of(bucket) as usize & mask;
         while self.buckets[b] != EMPTY {
             b = (b + 1) & mask;
         }
-        self.buckets[b] = slot;
+        self.buckets[b] = bucket;
     }
 
-    fn grow(&mut self, entries: &impl Keyed) {
+    fn grow(&mut self) {
         let doubled = vec![EMPTY; self.buckets.len() * 2];
         let old = std::mem::replace(&mut self.buckets, doubled);
-        for slot in old.into_iter().filter(|s| *s != EMPTY) {
-            self.place(entries.hash_of(slot), slot);
+        for bucket in old.into_iter().filter(|b| *b != EMPTY) {
+            self.place(bucket);
         }
     }
 
     /// Forgets `key`; returns its slot.
     pub fn remove(&mut self, key: &[u8], hash: u32, entries: &impl Keyed) -> Option<u32> {
         let mut hole = self.find_bucket(key, hash, entries)?;
-        let removed = self.buckets[hole];
+        let removed = slot_of(self.buckets[hole]);
         self.buckets[hole] = EMPTY;
         self.len -= 1;
         // Backward shift: pull later members of the probe run into the hole when their home
@@ -108,14 +121,14 @@ impl KeyIndex {
         let mask = self.mask();
         let mut b = (hole + 1) & mask;
         loop {
-            let slot = self.buckets[b];
-            if slot == EMPTY {
+            let bucket = self.buckets[b];
+            if bucket == EMPTY {
                 break;
             }
-            let home = entries.hash_of(slot) as usize & mask;
+            let home = hash_of(bucket) as usize & mask;
             // Distance from home to b versus from home to the hole, on the ring.
             if (b.wrapping_sub(home) & mask) >= (b.wrapping_sub(hole) & mask) {
-                self.buckets[hole] = slot;
+                self.buckets[hole] = bucket;
                 self.buckets[b] = EMPTY;
                 hole = b;
             }
@@ -141,9 +154,6 @@ mod tests {
     }
 
     impl Keyed for Table {
-        fn hash_of(&self, slot: u32) -> u32 {
-            self.hashes[slot as usize]
-        }
         fn key_of(&self, slot: u32) -> &[u8] {
             &self.keys[slot as usize]
         }
@@ -154,11 +164,12 @@ mod tests {
         let mut table = Table { keys: Vec::new(), hashes: Vec::new() };
         let mut index = KeyIndex::with_capacity(8);
         let buckets = index.buckets.len() as u32;
+        assert!(buckets >= 8);
         // Many keys share a few home buckets near the end of the array, so probe runs wrap.
         for i in 0..10u32 {
             table.keys.push(format!("k{i}").into_bytes());
             table.hashes.push(buckets - 1 - (i % 3));
-            index.insert(table.hashes[i as usize], i, &table);
+            index.insert(table.hashes[i as usize], i);
         }
         let mut present: HashMap<u32, bool> = (0..10).map(|i| (i, true)).collect();
         for victim in [3u32, 0, 9, 4, 1, 7] {
@@ -182,7 +193,7 @@ mod tests {
             let key = format!("key/{i}").into_bytes();
             table.hashes.push(index.hash(&key));
             table.keys.push(key);
-            index.insert(table.hashes[i as usize], i, &table);
+            index.insert(table.hashes[i as usize], i);
         }
         for i in 0..10_000u32 {
             assert_eq!(index.find(&table.keys[i as usize], table.hashes[i as usize], &table), Some(i));

@@ -111,9 +111,6 @@ struct Lane {
 struct Entries(Slab<Entry>);
 
 impl Keyed for Entries {
-    fn hash_of(&self, slot: u32) -> u32 {
-        self.0[slot as usize].hash
-    }
     fn key_of(&self, slot: u32) -> &[u8] {
         self.0[slot as usize].key()
     }
@@ -249,7 +246,7 @@ impl Cache {
             key_len: key.len() as u16,
             lane: lane as u8,
         }) as u32;
-        self.index.insert(hash, slot, &self.entries);
+        self.index.insert(hash, slot);
         self.push_tail(slot, lane);
         self.stats.entries += 1;
         self.stats.bytes += size;
