@@ -119,6 +119,10 @@ impl LatencyHistogram {
         }
     }
 
+    pub fn mean_us(&self) -> f64 {
+        self.hist.mean()
+    }
+
     pub fn max_us(&self) -> u64 {
         self.hist.max()
     }

@@ -1,0 +1,434 @@
+//! `client bench`: a closed-loop load generator on one mio event loop (SPEC 4).
+//!
+//! Each connection keeps `pipeline` GETs outstanding: it sends a new one as soon as an
+//! answer arrives. Latency is measured per request, from the moment the request is queued
+//! for sending to the moment its answer line has been read; with a pipeline deeper than one,
+//! that includes the time spent waiting behind earlier requests on the same connection, as
+//! a real pipelining client would see it. Requests are sent without ids, so answers come
+//! back in order and are matched first-in, first-out.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::framing::Frame;
+use common::metrics::LatencyHistogram;
+use common::random::{SplitMix64, Zipf};
+use common::upstream::Upstream;
+use mio::{Events, Poll, Token};
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+
+/// Longest answer line the bench accepts.
+const MAX_ANSWER: usize = 16 * 1024 * 1024 + 4096;
+/// A connection that fails is reopened after this pause.
+const RECONNECT_AFTER: Duration = Duration::from_millis(100);
+/// A run whose answers stop coming for this long is ended rather than left hanging.
+const STALL_LIMIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Dist {
+    Uniform,
+    Zipf(f64),
+}
+
+impl std::str::FromStr for Dist {
+    type Err = String;
+
+    /// `uniform`, `zipf` (exponent 0.99) or `zipf:S`.
+    fn from_str(s: &str) -> Result<Dist, String> {
+        match s {
+            "uniform" => Ok(Dist::Uniform),
+            "zipf" => Ok(Dist::Zipf(0.99)),
+            _ => match s.strip_prefix("zipf:").map(str::parse::<f64>) {
+                Some(Ok(exponent)) if exponent.is_finite() && exponent >= 0.0 => Ok(Dist::Zipf(exponent)),
+                _ => Err(format!("'{s}' is not uniform, zipf or zipf:S (S a number >= 0)")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Dist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dist::Uniform => f.write_str("uniform"),
+            Dist::Zipf(s) => write!(f, "zipf:{s}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub addr: SocketAddr,
+    pub connections: usize,
+    /// Measure for this long (ignored when `requests` is set).
+    pub duration: Duration,
+    /// Measure this many requests instead of a duration.
+    pub requests: Option<u64>,
+    pub keys: usize,
+    pub key_prefix: String,
+    pub dist: Dist,
+    pub pipeline: usize,
+    pub warmup: Duration,
+    pub seed: u64,
+    /// Print a progress line on stderr every second.
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LatencyReport {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+/// What a run measured (after the warm-up).
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub target: String,
+    pub connections: usize,
+    pub pipeline: usize,
+    pub keys: usize,
+    pub key_prefix: String,
+    pub dist: String,
+    pub warmup_s: f64,
+    pub duration_s: f64,
+    /// Answers received during the measured phase.
+    pub requests: u64,
+    pub throughput_rps: f64,
+    pub latency_us: LatencyReport,
+    /// Answers by status.
+    pub statuses: BTreeMap<String, u64>,
+    /// Answers whose status was not OK (NOT_FOUND included), plus requests lost to
+    /// connection failures.
+    pub errors: u64,
+    /// Requests outstanding on a connection that failed or closed.
+    pub connection_errors: u64,
+    /// Among answers that carry `cache_hit`: the fraction that were hits (null if none did).
+    pub hit_ratio: Option<f64>,
+    /// Answers per `node` (a proxy's port), for answers that carry one.
+    pub per_node: BTreeMap<String, u64>,
+}
+
+struct Conn {
+    up: Option<Upstream>,
+    sent: VecDeque<Instant>,
+    reconnect_at: Option<Instant>,
+}
+
+#[derive(Deserialize)]
+struct Answer<'a> {
+    #[serde(borrow)]
+    status: Cow<'a, str>,
+    #[serde(default)]
+    cache_hit: Option<bool>,
+    #[serde(default)]
+    node: Option<u64>,
+    #[serde(default, rename = "data")]
+    _data: IgnoredAny,
+}
+
+/// Counts for one phase (the measured run, or one progress second).
+#[derive(Default)]
+struct Tally {
+    answers: u64,
+    latency: LatencyHistogram,
+    statuses: BTreeMap<String, u64>,
+    not_ok: u64,
+    connection_errors: u64,
+    hits: u64,
+    misses: u64,
+    per_node: BTreeMap<u64, u64>,
+}
+
+impl Tally {
+    fn record(&mut self, latency: Duration, answer: Option<&Answer<'_>>) {
+        self.answers += 1;
+        self.latency.record(latency);
+        let status = answer.map_or("GARBAGE", |a| a.status.as_ref());
+        match self.statuses.get_mut(status) {
+            Some(n) => *n += 1,
+            None => {
+                self.statuses.insert(status.to_owned(), 1);
+            }
+        }
+        if status != "OK" {
+            self.not_ok += 1;
+        }
+        if let Some(answer) = answer {
+            match answer.cache_hit {
+                Some(true) => self.hits += 1,
+                Some(false) => self.misses += 1,
+                None => {}
+            }
+            if let Some(node) = answer.node {
+                *self.per_node.entry(node).or_default() += 1;
+            }
+        }
+    }
+}
+
+struct KeyPicker {
+    rng: SplitMix64,
+    zipf: Option<Zipf>,
+    keys: usize,
+    prefix: String,
+}
+
+impl KeyPicker {
+    fn write_get(&mut self, out: &mut Vec<u8>) {
+        let index = match &self.zipf {
+            Some(zipf) => zipf.sample(&mut self.rng),
+            None => self.rng.below(self.keys),
+        };
+        out.extend_from_slice(b"GET ");
+        out.extend_from_slice(self.prefix.as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(index).as_bytes());
+        out.push(b'\n');
+    }
+}
+
+/// Runs the benchmark and returns what the measured phase saw.
+pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(1024);
+    let connections = config.connections.max(1);
+    let pipeline = config.pipeline.max(1);
+    let mut picker = KeyPicker {
+        rng: SplitMix64::new(config.seed),
+        zipf: match config.dist {
+            Dist::Uniform => None,
+            Dist::Zipf(s) => Some(Zipf::new(config.keys.max(1), s)),
+        },
+        keys: config.keys.max(1),
+        prefix: config.key_prefix.clone(),
+    };
+    let mut conns: Vec<Conn> = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let up = Upstream::connect(config.addr, poll.registry(), Token(i))?;
+        conns.push(Conn { up: Some(up), sent: VecDeque::with_capacity(pipeline), reconnect_at: None });
+    }
+
+    let started = Instant::now();
+    let measure_from = started + config.warmup;
+    let measure_until = config.requests.map_or(Some(measure_from + config.duration), |_| None);
+    let mut measured = Tally::default();
+    let mut second = Tally::default();
+    let mut next_progress = started + Duration::from_secs(1);
+    let mut issued_measured: u64 = 0;
+    let mut last_answer = Instant::now();
+
+    for conn in conns.iter_mut() {
+        refill(conn, pipeline, &mut picker, started, measure_from, config.requests, &mut issued_measured);
+    }
+
+    let end = loop {
+        let now = Instant::now();
+        if let Some(until) = measure_until {
+            if now >= until {
+                break until;
+            }
+        }
+        if config.requests.is_some_and(|n| measured.answers + measured.connection_errors >= n) {
+            break now;
+        }
+        if now.duration_since(last_answer) > STALL_LIMIT {
+            eprintln!("bench: no answer for {} s; stopping", STALL_LIMIT.as_secs());
+            break now;
+        }
+        let mut wake = next_progress;
+        if let Some(until) = measure_until {
+            wake = wake.min(until);
+        }
+        for conn in &conns {
+            if let Some(at) = conn.reconnect_at {
+                wake = wake.min(at);
+            }
+        }
+        match poll.poll(&mut events, Some(wake.saturating_duration_since(now))) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => other?,
+        }
+        let now = Instant::now();
+        for event in events.iter() {
+            let i = event.token().0;
+            let Some(conn) = conns.get_mut(i) else { continue };
+            let Some(up) = conn.up.as_mut() else { continue };
+            let failed = match up.on_ready(MAX_ANSWER) {
+                Err(_) => true,
+                Ok(_) => {
+                    while let Frame::Line(line, used) = up.frame(MAX_ANSWER) {
+                        let answer = serde_json::from_slice::<Answer>(line).ok();
+                        if let Some(sent) = conn.sent.pop_front() {
+                            let latency = now.saturating_duration_since(sent);
+                            if sent >= measure_from {
+                                measured.record(latency, answer.as_ref());
+                            }
+                            second.record(latency, answer.as_ref());
+                        }
+                        up.consume(used);
+                        last_answer = now;
+                    }
+                    up.is_eof() || matches!(up.frame(MAX_ANSWER), Frame::TooLong)
+                }
+            };
+            if failed {
+                fail_connection(conn, poll.registry(), measure_from, &mut measured, &mut second, now);
+            } else {
+                refill(conn, pipeline, &mut picker, now, measure_from, config.requests, &mut issued_measured);
+            }
+        }
+        for (i, conn) in conns.iter_mut().enumerate() {
+            if conn.reconnect_at.is_some_and(|at| at <= now) {
+                conn.reconnect_at = None;
+                match Upstream::connect(config.addr, poll.registry(), Token(i)) {
+                    Ok(up) => {
+                        conn.up = Some(up);
+                        refill(conn, pipeline, &mut picker, now, measure_from, config.requests, &mut issued_measured);
+                    }
+                    Err(_) => conn.reconnect_at = Some(now + RECONNECT_AFTER),
+                }
+            }
+        }
+        if now >= next_progress {
+            if config.progress {
+                let elapsed = now.duration_since(started).as_secs_f64();
+                let phase = if now < measure_from { " (warm-up)" } else { "" };
+                eprintln!(
+                    "[{elapsed:6.1}s] {:>9} req/s  p99 {:>7} us  errors {}{phase}",
+                    second.answers,
+                    second.latency.quantile_us(0.99),
+                    second.not_ok + second.connection_errors
+                );
+            }
+            second = Tally::default();
+            next_progress += Duration::from_secs(1);
+        }
+    };
+    let duration = end.saturating_duration_since(measure_from).max(Duration::from_micros(1));
+    Ok(report(config, pipeline, connections, duration, &measured))
+}
+
+fn refill(
+    conn: &mut Conn,
+    pipeline: usize,
+    picker: &mut KeyPicker,
+    now: Instant,
+    measure_from: Instant,
+    limit: Option<u64>,
+    issued_measured: &mut u64,
+) {
+    let Some(up) = conn.up.as_mut() else { return };
+    while conn.sent.len() < pipeline {
+        if now >= measure_from {
+            if limit.is_some_and(|n| *issued_measured >= n) {
+                break;
+            }
+            *issued_measured += 1;
+        }
+        picker.write_get(up.out_buf());
+        conn.sent.push_back(now);
+    }
+    let _ = up.flush();
+}
+
+fn fail_connection(
+    conn: &mut Conn,
+    registry: &mio::Registry,
+    measure_from: Instant,
+    measured: &mut Tally,
+    second: &mut Tally,
+    now: Instant,
+) {
+    if let Some(mut up) = conn.up.take() {
+        up.deregister(registry);
+    }
+    for sent in conn.sent.drain(..) {
+        if sent >= measure_from {
+            measured.connection_errors += 1;
+        }
+        second.connection_errors += 1;
+    }
+    conn.reconnect_at = Some(now + RECONNECT_AFTER);
+}
+
+fn report(config: &BenchConfig, pipeline: usize, connections: usize, duration: Duration, t: &Tally) -> BenchReport {
+    let h = &t.latency;
+    let mean = if h.is_empty() { 0.0 } else { h.mean_us() };
+    BenchReport {
+        target: config.addr.to_string(),
+        connections,
+        pipeline,
+        keys: config.keys,
+        key_prefix: config.key_prefix.clone(),
+        dist: config.dist.to_string(),
+        warmup_s: config.warmup.as_secs_f64(),
+        duration_s: duration.as_secs_f64(),
+        requests: t.answers,
+        throughput_rps: t.answers as f64 / duration.as_secs_f64(),
+        latency_us: LatencyReport {
+            p50: h.quantile_us(0.50),
+            p90: h.quantile_us(0.90),
+            p99: h.quantile_us(0.99),
+            p999: h.quantile_us(0.999),
+            max: h.max_us(),
+            mean,
+        },
+        statuses: t.statuses.clone(),
+        errors: t.not_ok + t.connection_errors,
+        connection_errors: t.connection_errors,
+        hit_ratio: (t.hits + t.misses > 0).then(|| t.hits as f64 / (t.hits + t.misses) as f64),
+        per_node: t.per_node.iter().map(|(node, n)| (node.to_string(), *n)).collect(),
+    }
+}
+
+/// The human summary printed at the end of a run.
+pub fn summary(r: &BenchReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "bench {}: {} connections, pipeline {}, {} over {} keys ({}…), {:.1} s measured after {:.1} s warm-up",
+        r.target, r.connections, r.pipeline, r.dist, r.keys, r.key_prefix, r.duration_s, r.warmup_s
+    );
+    let _ = writeln!(s, "throughput  {:.0} req/s ({} answers)", r.throughput_rps, r.requests);
+    let l = &r.latency_us;
+    let _ = writeln!(
+        s,
+        "latency     p50 {} us  p90 {} us  p99 {} us  p99.9 {} us  max {} us  (mean {:.1} us)",
+        l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+    );
+    let statuses: Vec<String> = r.statuses.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let _ = writeln!(s, "statuses    {}", if statuses.is_empty() { "-".into() } else { statuses.join("  ") });
+    let _ = writeln!(s, "errors      {} (connection errors {})", r.errors, r.connection_errors);
+    match r.hit_ratio {
+        Some(ratio) => {
+            let _ = writeln!(s, "hit ratio   {:.2} %", ratio * 100.0);
+        }
+        None => {
+            let _ = writeln!(s, "hit ratio   - (answers carry no cache_hit)");
+        }
+    }
+    let nodes: Vec<String> = r.per_node.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let _ = writeln!(s, "per node    {}", if nodes.is_empty() { "-".into() } else { nodes.join("  ") });
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distributions_parse() {
+        assert_eq!("uniform".parse::<Dist>(), Ok(Dist::Uniform));
+        assert_eq!("zipf".parse::<Dist>(), Ok(Dist::Zipf(0.99)));
+        assert_eq!("zipf:1.2".parse::<Dist>(), Ok(Dist::Zipf(1.2)));
+        assert!("zipf:-1".parse::<Dist>().is_err());
+        assert!("normal".parse::<Dist>().is_err());
+    }
+}

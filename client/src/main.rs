@@ -1,0 +1,149 @@
+use std::net::ToSocketAddrs;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use client::bench::{self, BenchConfig, Dist};
+use common::cli::parse_seconds;
+
+/// Talk to any tier of the cache (balancer, proxy or origin), or load it with `bench`.
+#[derive(Parser, Debug)]
+#[command(name = "client", version, about, group(ArgGroup::new("action").args(["get", "metrics", "purge", "health"])))]
+struct Cli {
+    #[arg(long, default_value = "127.0.0.1", global = true)]
+    host: String,
+
+    #[arg(long, default_value_t = 9000, global = true)]
+    port: u16,
+
+    /// Give up on connecting or on an answer after this long.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+
+    /// GET a key.
+    #[arg(long, value_name = "KEY")]
+    get: Option<String>,
+
+    /// Show the service's METRICS.
+    #[arg(long)]
+    metrics: bool,
+
+    /// PURGE a key.
+    #[arg(long, value_name = "KEY")]
+    purge: Option<String>,
+
+    /// Ask for HEALTH.
+    #[arg(long)]
+    health: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Closed-loop load: each connection keeps --pipeline GETs outstanding.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    connections: u64,
+
+    /// Seconds to measure (after the warm-up).
+    #[arg(long, default_value = "10", value_parser = parse_seconds, conflicts_with = "requests")]
+    duration: Duration,
+
+    /// Measure this many requests instead of a duration.
+    #[arg(long)]
+    requests: Option<u64>,
+
+    /// Keys are PREFIX0 … PREFIX(N-1).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    keys: u64,
+
+    #[arg(long, default_value = "synthetic/")]
+    key_prefix: String,
+
+    /// uniform, zipf (exponent 0.99) or zipf:S.
+    #[arg(long, default_value = "uniform")]
+    dist: Dist,
+
+    /// GETs outstanding per connection.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pipeline: u64,
+
+    /// Seconds of load before measuring starts.
+    #[arg(long, default_value = "1", value_parser = parse_seconds)]
+    warmup: Duration,
+
+    /// Seed for the key sequence (the same seed replays the same keys).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+
+    /// Print the result as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Bench(args)) = &cli.command {
+        return run_bench(&cli, args);
+    }
+    let line = match (&cli.get, cli.metrics, &cli.purge, cli.health) {
+        (Some(key), ..) => format!("GET {key}"),
+        (_, true, ..) => "METRICS".to_owned(),
+        (_, _, Some(key), _) => format!("PURGE {key}"),
+        (.., true) => "HEALTH".to_owned(),
+        _ => {
+            eprintln!("client: say what to do: --get KEY, --metrics, --purge KEY, --health, or bench (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let answer = client::request_once(&cli.host, cli.port, &line, Duration::from_millis(cli.timeout_ms));
+    println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
+    if client::is_ok(&answer) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn run_bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
+    let addr = match (cli.host.as_str(), cli.port).to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(addr)) => addr,
+        _ => {
+            eprintln!("client bench: cannot resolve {}:{}", cli.host, cli.port);
+            return ExitCode::from(2);
+        }
+    };
+    let config = BenchConfig {
+        addr,
+        connections: args.connections as usize,
+        duration: args.duration,
+        requests: args.requests,
+        keys: args.keys as usize,
+        key_prefix: args.key_prefix.clone(),
+        dist: args.dist.clone(),
+        pipeline: args.pipeline as usize,
+        warmup: args.warmup,
+        seed: args.seed,
+        progress: true,
+    };
+    match bench::run(&config) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                print!("{}", bench::summary(&report));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("client bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
