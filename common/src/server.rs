@@ -135,6 +135,11 @@ pub trait Service {
     /// Readiness on one of the service's own sockets (registered with a [`peer_token`]).
     fn on_peer_event(&mut self, _ctx: &mut Ctx<Self::Timer>, _token: Token, _event: &Event) {}
 
+    /// The end of a loop turn, after every event and timer of the turn was handled: the
+    /// place to write out what the turn queued on the service's own sockets, one write per
+    /// socket. Called again if it answered clients, until a pass changes nothing.
+    fn on_turn_end(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
+
     /// The drain has begun (SIGTERM or [`ShutdownHandle::shutdown`]).
     fn on_drain(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
 }
@@ -516,7 +521,13 @@ impl<S: Service> Server<S> {
             if self.fire_timers() {
                 break;
             }
-            self.flush_dirty();
+            loop {
+                self.flush_dirty();
+                self.service.on_turn_end(&mut self.ctx);
+                if self.ctx.dirty.is_empty() {
+                    break;
+                }
+            }
             if self.ctx.draining && self.ctx.clients.is_empty() {
                 break;
             }

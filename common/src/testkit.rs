@@ -411,3 +411,37 @@ pub fn refused_addr() -> SocketAddr {
     drop(listener);
     addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1)))
 }
+
+/// The path of one of this workspace's binaries (`origin`, `proxy`, `balancer`, `client`),
+/// for tests in another package: next to the running test executable's `deps/` directory,
+/// built once with the same profile if a `cargo test -p …` run did not build it.
+pub fn workspace_bin(name: &str) -> io::Result<std::path::PathBuf> {
+    use std::sync::Mutex;
+    static BUILD: Mutex<()> = Mutex::new(());
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| io::Error::other("test executable has no target directory"))?
+        .to_path_buf();
+    let path = profile_dir.join(name);
+    let _guard = BUILD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--bin", name]);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            build.arg("--release");
+        }
+        let status = build.status()?;
+        if !status.success() || !path.exists() {
+            return Err(io::Error::other(format!("could not build {name}")));
+        }
+    }
+    Ok(path)
+}
+
+/// A free loopback port, for a service that must be restarted on the same port.
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -1,0 +1,97 @@
+//! The load balancer in front of the proxies (SPEC 3.5, 3.6): routes each GET by a strategy
+//! over the healthy proxies, retries failures on another proxy, checks health with
+//! timer-driven probes, polls the proxies' METRICS, and fans PURGE out to all of them.
+
+pub mod backend;
+pub mod health;
+pub mod relay;
+pub mod service;
+pub mod strategy;
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use common::server::{Server, ServerConfig};
+
+pub use service::Balancer;
+pub use strategy::Kind as Strategy;
+
+#[derive(Clone, Debug)]
+pub struct BalancerConfig {
+    pub server: ServerConfig,
+    /// Each proxy as given (`host:port`) and resolved.
+    pub proxies: Vec<(String, SocketAddr)>,
+    pub strategy: Strategy,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    pub fall: u32,
+    pub rise: u32,
+    pub metrics_interval: Duration,
+    pub retries: u32,
+    /// The longest a client waits for a GET, all attempts together.
+    pub request_timeout: Duration,
+    /// The longest one attempt waits before the next proxy is tried.
+    pub try_timeout: Duration,
+    pub max_pending: usize,
+}
+
+impl BalancerConfig {
+    /// The defaults of the `balancer` binary over `proxies`.
+    pub fn new(proxies: &[SocketAddr]) -> Self {
+        let mut config = BalancerConfig {
+            server: ServerConfig::default(),
+            proxies: proxies.iter().map(|a| (a.to_string(), *a)).collect(),
+            strategy: Strategy::RoundRobin,
+            health_interval: Duration::from_millis(1000),
+            health_timeout: Duration::from_millis(500),
+            fall: 3,
+            rise: 2,
+            metrics_interval: Duration::from_millis(2000),
+            retries: 2,
+            request_timeout: Duration::from_millis(3000),
+            try_timeout: Duration::ZERO,
+            max_pending: 10_000,
+        };
+        config.try_timeout = default_try_timeout(config.request_timeout, config.retries);
+        config
+    }
+}
+
+/// Each attempt gets an equal share of the request timeout, so that a proxy that hangs is
+/// retried elsewhere and the client still has its answer within `--request-timeout-ms`.
+pub fn default_try_timeout(request_timeout: Duration, retries: u32) -> Duration {
+    request_timeout / (retries + 1)
+}
+
+/// Resolves `host:port` strings once, at start-up.
+pub fn resolve_proxies(specs: &[String]) -> io::Result<Vec<(String, SocketAddr)>> {
+    if specs.len() > strategy::MAX_PROXIES {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("at most {} proxies", strategy::MAX_PROXIES)));
+    }
+    specs
+        .iter()
+        .map(|spec| {
+            let addr = spec
+                .to_socket_addrs()
+                .map_err(|e| io::Error::new(e.kind(), format!("proxy '{spec}': {e}")))?
+                .next()
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, format!("proxy '{spec}' resolves to nothing"))
+                })?;
+            Ok((spec.clone(), addr))
+        })
+        .collect()
+}
+
+pub fn bind(config: BalancerConfig) -> io::Result<Server<Balancer>> {
+    if config.proxies.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "at least one proxy is needed"));
+    }
+    let server_config = config.server.clone();
+    Server::bind(server_config, move |_| Ok(Balancer::new(config)))
+}
+
+pub fn run(config: BalancerConfig) -> io::Result<()> {
+    bind(config)?.run()
+}

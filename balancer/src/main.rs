@@ -1,0 +1,123 @@
+use std::process::ExitCode;
+use std::time::Duration;
+
+use balancer::{BalancerConfig, Strategy};
+use clap::{Parser, ValueEnum};
+use common::cli::ServerArgs;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StrategyName {
+    #[value(name = "round_robin", alias = "round-robin")]
+    RoundRobin,
+    #[value(name = "least_loaded", alias = "least-loaded")]
+    LeastLoaded,
+    #[value(name = "consistent_hash", alias = "consistent-hash")]
+    ConsistentHash,
+}
+
+/// Load balancer in front of the caching proxies.
+#[derive(Parser, Debug)]
+#[command(name = "balancer", version, about)]
+struct Args {
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 9000)]
+    port: u16,
+
+    /// The proxies, as host:port, in one flag: --proxies 127.0.0.1:8001 127.0.0.1:8002
+    #[arg(long, required = true, num_args = 1..)]
+    proxies: Vec<String>,
+
+    /// round_robin, least_loaded or consistent_hash (kebab-case spellings work too).
+    #[arg(long, value_enum, default_value = "round_robin")]
+    strategy: StrategyName,
+
+    /// How often each proxy gets a HEALTH probe.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    health_interval_ms: u64,
+
+    /// A probe without a well-formed answer in this time has failed.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+    health_timeout_ms: u64,
+
+    /// Consecutive failures that mark a proxy down.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    fall: u32,
+
+    /// Consecutive successful probes that mark it up again.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    rise: u32,
+
+    /// How often each proxy's METRICS are polled.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    metrics_interval_ms: u64,
+
+    /// Other proxies to try after a failed attempt, before PROXY_UNREACHABLE.
+    #[arg(long, default_value_t = 2)]
+    retries: u32,
+
+    /// The longest a client waits for a GET, all attempts included.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout_ms: u64,
+
+    /// The longest one attempt waits before the next proxy is tried
+    /// [default: request timeout / (retries + 1)].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    try_timeout_ms: Option<u64>,
+
+    /// bounded load for consistent_hash: a proxy takes a key only while its in-flight count is
+    /// below ceil(factor × (total in flight + 1) / healthy proxies).
+    #[arg(long, default_value_t = 1.25)]
+    hash_load_factor: f64,
+
+    /// Most GETs forwarded and not yet answered; past it, OVERLOADED.
+    #[arg(long, default_value_t = 10_000)]
+    max_pending: usize,
+
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    common::logging::init(args.server.log_level);
+    if !(args.hash_load_factor.is_finite() && args.hash_load_factor >= 1.0) {
+        eprintln!("balancer: --hash-load-factor must be a number >= 1");
+        return ExitCode::from(2);
+    }
+    let proxies = match balancer::resolve_proxies(&args.proxies) {
+        Ok(proxies) => proxies,
+        Err(e) => {
+            eprintln!("balancer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let request_timeout = Duration::from_millis(args.request_timeout_ms);
+    let config = BalancerConfig {
+        server: args.server.to_config(args.port),
+        proxies,
+        strategy: match args.strategy {
+            StrategyName::RoundRobin => Strategy::RoundRobin,
+            StrategyName::LeastLoaded => Strategy::LeastLoaded,
+            StrategyName::ConsistentHash => Strategy::ConsistentHash { load_factor: args.hash_load_factor },
+        },
+        health_interval: Duration::from_millis(args.health_interval_ms),
+        health_timeout: Duration::from_millis(args.health_timeout_ms),
+        fall: args.fall,
+        rise: args.rise,
+        metrics_interval: Duration::from_millis(args.metrics_interval_ms),
+        retries: args.retries,
+        request_timeout,
+        try_timeout: args
+            .try_timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or_else(|| balancer::default_try_timeout(request_timeout, args.retries)),
+        max_pending: args.max_pending,
+    };
+    match balancer::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("balancer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
