@@ -429,13 +429,15 @@ pub fn workspace_bin(name: &str) -> io::Result<std::path::PathBuf> {
     if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "--bin", name]);
+        // Each binary lives in the package of the same name.
+        build.args(["build", "-p", name, "--bin", name]);
         if profile_dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");
         }
-        let status = build.status()?;
-        if !status.success() || !path.exists() {
-            return Err(io::Error::other(format!("could not build {name}")));
+        let output = build.output()?;
+        if !output.status.success() || !path.exists() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            return Err(io::Error::other(format!("could not build {name} ({}): {stderr}", output.status)));
         }
     }
     Ok(path)

@@ -1,0 +1,114 @@
+//! The real `balancer` binary: its flags, and start-up errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use common::testkit::{metrics, ChildService, RunningServer};
+
+const BALANCER: &str = env!("CARGO_BIN_EXE_balancer");
+
+fn proxy() -> (RunningServer, RunningServer) {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../origin/data");
+    let origin = RunningServer::start(origin::bind(origin::OriginConfig::new(data)).unwrap());
+    let proxy = RunningServer::start(proxy::bind(proxy::ProxyConfig::new(origin.addr())).unwrap());
+    (origin, proxy)
+}
+
+#[test]
+fn strategies_in_both_spellings_and_proxies_in_one_flag() {
+    let (_o1, p1) = proxy();
+    let (_o2, p2) = proxy();
+    let (a, b) = (p1.addr().to_string(), p2.addr().to_string());
+    for (spelling, reported) in [
+        ("round_robin", "round_robin"),
+        ("round-robin", "round_robin"),
+        ("least_loaded", "least_loaded"),
+        ("least-loaded", "least_loaded"),
+        ("consistent_hash", "consistent_hash"),
+        ("consistent-hash", "consistent_hash"),
+    ] {
+        let balancer = ChildService::spawn(
+            BALANCER,
+            &[
+                "--port",
+                "0",
+                "--proxies",
+                &a,
+                &b,
+                "--strategy",
+                spelling,
+                "--hash-load-factor",
+                "1.5",
+                "--log-level",
+                "warn",
+            ],
+        )
+        .unwrap();
+        let m = metrics(balancer.addr()).unwrap();
+        assert_eq!(m["strategy"], reported);
+        assert_eq!(m["proxies"].as_object().unwrap().len(), 2);
+    }
+}
+
+#[test]
+fn every_documented_flag_is_accepted() {
+    let (_o, p) = proxy();
+    let proxy = p.addr().to_string();
+    let balancer = ChildService::spawn(
+        BALANCER,
+        &[
+            "--port",
+            "0",
+            "--proxies",
+            &proxy,
+            "--strategy",
+            "least_loaded",
+            "--health-interval-ms",
+            "500",
+            "--health-timeout-ms",
+            "200",
+            "--fall",
+            "2",
+            "--rise",
+            "1",
+            "--metrics-interval-ms",
+            "700",
+            "--retries",
+            "1",
+            "--request-timeout-ms",
+            "2000",
+            "--try-timeout-ms",
+            "900",
+            "--hash-load-factor",
+            "1.25",
+            "--max-pending",
+            "100",
+            "--max-connections",
+            "50",
+            "--idle-timeout-ms",
+            "9000",
+            "--max-line",
+            "2048",
+            "--host",
+            "127.0.0.1",
+        ],
+    )
+    .unwrap();
+    assert_eq!(metrics(balancer.addr()).unwrap()["role"], "balancer");
+}
+
+#[test]
+fn bad_flags_are_errors_at_start_up() {
+    for args in [
+        &["--port", "0"][..],
+        &["--port", "0", "--proxies", "127.0.0.1:1", "--strategy", "random"],
+        &["--port", "0", "--proxies", "no-such-host.invalid:1"],
+        &["--port", "0", "--proxies", "127.0.0.1"],
+        &["--port", "0", "--proxies", "127.0.0.1:1", "--hash-load-factor", "0.5"],
+        &["--port", "0", "--proxies", "127.0.0.1:1", "--fall", "0"],
+    ] {
+        let out = Command::new(BALANCER).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(!out.stderr.is_empty(), "{args:?}: no message");
+    }
+}

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Stops the cluster started by start_cluster.sh (SPEC 5): the PIDs recorded under RUN_DIR get
+# SIGTERM (a graceful drain), then SIGKILL after a grace period; then any leftover process of
+# this checkout's own binaries (matched by full path) still serving one of this cluster's ports.
+#
+# Settings: RUN_DIR, and ORIGIN_PORT, PROXY_PORTS, LB_PORT as for start_cluster.sh.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${RUN_DIR:-$ROOT/.cluster}"
+ORIGIN_PORT="${ORIGIN_PORT:-8000}"
+PROXY_PORTS="${PROXY_PORTS:-8001 8002 8003}"
+LB_PORT="${LB_PORT:-9000}"
+PIDS="$RUN_DIR/pids"
+GRACE_SECONDS=6
+
+alive() { kill -0 "$1" 2>/dev/null; }
+
+# stop PID...: TERM, wait up to the grace period, then KILL.
+stop() {
+    local pids=("$@") deadline=$((SECONDS + GRACE_SECONDS)) pid
+    ((${#pids[@]})) || return 0
+    kill -TERM "${pids[@]}" 2>/dev/null
+    for pid in "${pids[@]}"; do
+        while alive "$pid" && (( SECONDS < deadline )); do sleep 0.1; done
+        if alive "$pid"; then
+            echo "kill_cluster: pid $pid did not stop in ${GRACE_SECONDS}s; killing it"
+            kill -KILL "$pid" 2>/dev/null
+        fi
+    done
+}
+
+recorded=()
+if [[ -f "$PIDS" ]]; then
+    while read -r name pid port; do
+        if alive "$pid"; then
+            recorded+=("$pid")
+            echo "stopping $name (pid $pid, port $port)"
+        fi
+    done < "$PIDS"
+    stop "${recorded[@]}"
+    rm -f "$PIDS"
+else
+    echo "no PID file in $RUN_DIR"
+fi
+
+# Leftovers: this checkout's binaries (by full path) on this cluster's ports.
+leftovers=()
+for port in "$ORIGIN_PORT" $PROXY_PORTS "$LB_PORT"; do
+    while read -r pid; do
+        [[ -n "$pid" ]] && leftovers+=("$pid")
+    done < <(pgrep -f "^$ROOT/target/release/(origin|proxy|balancer) .*--port $port( |$)" || true)
+done
+if ((${#leftovers[@]})); then
+    echo "stopping leftover processes: ${leftovers[*]}"
+    stop "${leftovers[@]}"
+fi
+echo "cluster stopped"
