@@ -71,3 +71,48 @@ fn start_up_errors_are_clear_and_non_zero() {
     assert!(!taken.status.success());
     assert!(String::from_utf8_lossy(&taken.stderr).contains(&port));
 }
+
+/// CPU time (user + system) of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn out_of_file_descriptors_the_origin_waits_without_spinning_and_recovers() {
+    // 32 descriptors: the loop's own few, then room for about 25 clients.
+    let script = format!("ulimit -n 32 && exec {BIN} --port 0 --data-dir {} --log-level error", data_dir());
+    let origin = ChildService::spawn("sh", &["-c", &script]).unwrap();
+    let mut clients: Vec<LineClient> = (0..40).map(|_| LineClient::connect(origin.addr()).unwrap()).collect();
+    for c in clients.iter_mut() {
+        c.send("HEALTH").unwrap();
+    }
+    // The backlog is first in, first out: once one client is not accepted, none after it is.
+    let mut accepted = Vec::new();
+    let mut waiting = Vec::new();
+    for mut c in clients.drain(..) {
+        if waiting.is_empty() {
+            c.set_timeout(Duration::from_millis(300)).unwrap();
+            if let Ok(answer) = c.recv() {
+                assert_eq!(answer["status"], "OK");
+                accepted.push(c);
+                continue;
+            }
+        }
+        waiting.push(c);
+    }
+    assert!(!waiting.is_empty() && accepted.len() >= 20, "{} accepted, {} waiting", accepted.len(), waiting.len());
+    // With connections stuck in the backlog, the loop retries accept on a timer: a busy loop
+    // would burn a whole second of CPU here.
+    let before = cpu_ticks(origin.pid());
+    std::thread::sleep(Duration::from_secs(1)); // measuring CPU use over a fixed interval
+    let spent = cpu_ticks(origin.pid()) - before;
+    assert!(spent < 20, "{spent} ticks of CPU in 1 s while out of descriptors");
+    // Free descriptors: every waiting client is accepted and answered.
+    drop(accepted);
+    for mut c in waiting {
+        c.set_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(c.recv().unwrap()["status"], "OK");
+    }
+}
