@@ -6,15 +6,8 @@
 # Settings: RUN_DIR, and ORIGIN_PORT, PROXY_PORTS, LB_PORT as for start_cluster.sh.
 set -uo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-RUN_DIR="${RUN_DIR:-$ROOT/.cluster}"
-ORIGIN_PORT="${ORIGIN_PORT:-8000}"
-PROXY_PORTS="${PROXY_PORTS:-8001 8002 8003}"
-LB_PORT="${LB_PORT:-9000}"
-PIDS="$RUN_DIR/pids"
+source "$(dirname "${BASH_SOURCE[0]}")/cluster_env.sh"
 GRACE_SECONDS=6
-
-alive() { kill -0 "$1" 2>/dev/null; }
 
 # stop PID...: TERM, wait up to the grace period, then KILL.
 stop() {

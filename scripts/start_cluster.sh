@@ -14,21 +14,10 @@
 #   RUN_DIR            PID file and logs                    (default .cluster/ at the repository root)
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ORIGIN_PORT="${ORIGIN_PORT:-8000}"
-PROXY_PORTS="${PROXY_PORTS:-8001 8002 8003}"
-LB_PORT="${LB_PORT:-9000}"
-CACHE_TYPE="${CACHE_TYPE:-lru}"
-STRATEGY="${STRATEGY:-consistent_hash}"
-ORIGIN_LATENCY_MS="${ORIGIN_LATENCY_MS:-100}"
-RUN_DIR="${RUN_DIR:-$ROOT/.cluster}"
-BIN="$ROOT/target/release"
-PIDS="$RUN_DIR/pids"
+source "$(dirname "${BASH_SOURCE[0]}")/cluster_env.sh"
 READY_SECONDS=15
 
 die() { echo "start_cluster: $*" >&2; exit 1; }
-
-alive() { kill -0 "$1" 2>/dev/null; }
 
 # A cluster already running from this RUN_DIR is not started twice.
 if [[ -f "$PIDS" ]]; then

@@ -3,11 +3,8 @@
 # its proxies. Settings as for start_cluster.sh.
 set -uo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ORIGIN_PORT="${ORIGIN_PORT:-8000}"
-PROXY_PORTS="${PROXY_PORTS:-8001 8002 8003}"
-LB_PORT="${LB_PORT:-9000}"
-CLIENT="$ROOT/target/release/client"
+source "$(dirname "${BASH_SOURCE[0]}")/cluster_env.sh"
+CLIENT="$BIN/client"
 [[ -x "$CLIENT" ]] || { echo "status: $CLIENT is not built (run ./scripts/start_cluster.sh)" >&2; exit 1; }
 
 check() {

@@ -113,11 +113,5 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| balancer::default_try_timeout(request_timeout, args.retries)),
         max_pending: args.max_pending,
     };
-    match balancer::run(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("balancer: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::cli::exit_status("balancer", balancer::run(config))
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use common::framing::Frame;
-use common::metrics::{ratio, HealthData, LatencyHistogram, LatencySummary};
+use common::metrics::{ratio, LatencyHistogram, LatencySummary};
 use common::protocol::{encode_ok_value, parse_request, write_text_request, Id, Op, Reply, Status};
 use common::server::{peer_index, peer_token, ClientId, Ctx, Service, Ticket};
 use common::timers::TimerKey;
@@ -651,22 +651,18 @@ impl Service for Balancer {
             Ok(request) => request,
             Err(e) => {
                 self.core.counters.errors += 1;
-                return ctx.reply(client, e.id.is_none(), |out| e.encode(out));
+                return ctx.reply_error(client, &e);
             }
         };
         let id = request.id;
-        let ordered = id.is_none();
         match request.op {
             Op::Get(key) => self.get(ctx, client, key.as_str(), id),
             Op::Purge(key) => self.purge(ctx, client, key.as_str(), id),
             Op::Metrics => {
                 let data = self.metrics(ctx);
-                ctx.reply(client, ordered, |out| encode_ok_value(out, id, &data));
+                ctx.reply_value(client, id, &data);
             }
-            Op::Health => {
-                let data = HealthData { role: "balancer", uptime_s: ctx.started().uptime_s(ctx.now()) };
-                ctx.reply(client, ordered, |out| encode_ok_value(out, id, &data));
-            }
+            Op::Health => ctx.reply_health(client, id, "balancer"),
         }
     }
 

@@ -52,6 +52,18 @@ impl ServerArgs {
     }
 }
 
+/// The end of every service binary: exit 0 after a clean drain, or print the error (a port
+/// in use, a missing data directory, ...) and exit 1.
+pub fn exit_status(program: &str, result: std::io::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Parses a number of seconds, fractions allowed (`30`, `0.5`), for flags like `--ttl`.
 pub fn parse_seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s.parse().map_err(|_| format!("'{s}' is not a number of seconds"))?;

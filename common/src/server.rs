@@ -28,8 +28,8 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 
 use crate::framing::{next_frame, read_once, Frame, OutBuf};
-use crate::metrics::StartTime;
-use crate::protocol::{Reply, Status};
+use crate::metrics::{HealthData, StartTime};
+use crate::protocol::{encode_ok_value, Id, Reply, RequestError, Status};
 use crate::timers::{TimerKey, TimerQueue};
 
 const LISTENER: Token = Token(0);
@@ -278,6 +278,22 @@ impl<T> Ctx<T> {
             encode(c.out.buf_mut());
         }
         self.mark_dirty(index);
+    }
+
+    /// Answers `OK` now with `data` serialized as the answer's `data` (METRICS, PURGE, ...).
+    pub fn reply_value<V: serde::Serialize>(&mut self, client: ClientId, id: Option<Id<'_>>, data: &V) {
+        self.reply(client, id.is_none(), |out| encode_ok_value(out, id, data));
+    }
+
+    /// Answers HEALTH (SPEC 2.5): cheap, no I/O, never delayed.
+    pub fn reply_health(&mut self, client: ClientId, id: Option<Id<'_>>, role: &'static str) {
+        let data = HealthData { role, uptime_s: self.started.uptime_s(self.now) };
+        self.reply_value(client, id, &data);
+    }
+
+    /// Answers a request line that did not parse.
+    pub fn reply_error(&mut self, client: ClientId, error: &RequestError<'_>) {
+        self.reply(client, error.id.is_none(), |out| error.encode(out));
     }
 
     /// Promises an answer to a request that will be given later through [`Ctx::complete`].

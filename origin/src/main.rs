@@ -49,11 +49,5 @@ fn main() -> ExitCode {
             .then_some(Synthetic { count: args.synthetic_keys, value_bytes: args.value_bytes }),
         max_file_bytes: args.max_file_bytes,
     };
-    match origin::run(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("origin: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::cli::exit_status("origin", origin::run(config))
 }

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use common::metrics::{HealthData, LatencyHistogram, LatencySummary};
-use common::protocol::{encode_ok_value, parse_request, Data, Id, Op, Reply, Status};
+use common::metrics::{LatencyHistogram, LatencySummary};
+use common::protocol::{parse_request, Data, Id, Op, Reply, Status};
 use common::server::{ClientId, Ctx, Service, Ticket};
 use serde::Serialize;
 
@@ -117,7 +117,7 @@ impl Service for Origin {
                 if e.is_get() {
                     self.counters.errors += 1;
                 }
-                return ctx.reply(client, e.id.is_none(), |out| e.encode(out));
+                return ctx.reply_error(client, &e);
             }
         };
         let id = request.id;
@@ -135,12 +135,9 @@ impl Service for Origin {
             }
             Op::Metrics => {
                 let data = self.metrics(ctx);
-                ctx.reply(client, ordered, |out| encode_ok_value(out, id, &data));
+                ctx.reply_value(client, id, &data);
             }
-            Op::Health => {
-                let data = HealthData { role: "origin", uptime_s: ctx.started().uptime_s(now) };
-                ctx.reply(client, ordered, |out| encode_ok_value(out, id, &data));
-            }
+            Op::Health => ctx.reply_health(client, id, "origin"),
             Op::Purge(_) => ctx.reply(client, ordered, |out| {
                 Reply::error(Status::WrongMethod, "the origin does not cache; PURGE a proxy or the balancer")
                     .id(id)

@@ -100,11 +100,5 @@ fn main() -> ExitCode {
         origin_max_inflight: args.origin_max_inflight as usize,
         max_pending: args.max_pending,
     };
-    match proxy::run(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("proxy: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::cli::exit_status("proxy", proxy::run(config))
 }

@@ -8,8 +8,8 @@
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
-use common::metrics::{ratio, HealthData, LatencyHistogram, LatencySummary};
-use common::protocol::{encode_ok_value, parse_request, Data, Id, Op, Reply, Status};
+use common::metrics::{ratio, LatencyHistogram, LatencySummary};
+use common::protocol::{parse_request, Data, Id, Op, Reply, Status};
 use common::server::{peer_index, ClientId, Ctx, Service, Ticket};
 use log::debug;
 use mio::event::Event;
@@ -374,25 +374,21 @@ impl Service for Proxy {
     fn on_line(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, line: &[u8]) {
         let request = match parse_request(line) {
             Ok(request) => request,
-            Err(e) => return ctx.reply(client, e.id.is_none(), |out| e.encode(out)),
+            Err(e) => return ctx.reply_error(client, &e),
         };
         let id = request.id;
-        let ordered = id.is_none();
         match request.op {
             Op::Get(key) => self.get(ctx, client, key.as_str(), id),
             Op::Purge(key) => {
                 let purged = self.core.cache.purge(key.as_str());
                 self.core.fetches.purge(key.as_str());
-                ctx.reply(client, ordered, |out| encode_ok_value(out, id, &PurgeData { purged }));
+                ctx.reply_value(client, id, &PurgeData { purged });
             }
             Op::Metrics => {
                 let data = self.metrics(ctx);
-                ctx.reply(client, ordered, |out| encode_ok_value(out, id, &data));
+                ctx.reply_value(client, id, &data);
             }
-            Op::Health => {
-                let data = HealthData { role: "proxy", uptime_s: ctx.started().uptime_s(ctx.now()) };
-                ctx.reply(client, ordered, |out| encode_ok_value(out, id, &data));
-            }
+            Op::Health => ctx.reply_health(client, id, "proxy"),
         }
     }
 
