@@ -2,7 +2,7 @@
 //! relaying answers, retrying failures on another proxy, health probes, METRICS polling and
 //! PURGE fan-out — all on the one loop, driven by its timers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
 use common::framing::Frame;
@@ -32,8 +32,8 @@ pub enum Timer {
     Probe(usize),
     /// Time to poll proxy N's METRICS.
     PollMetrics(usize),
-    /// Attempt N has waited too long for its answer.
-    Attempt(u64),
+    /// The oldest attempt deadlines are due.
+    AttemptDeadlines,
     /// Exchange N (a probe, poll or purge) has waited too long.
     Exchange(usize),
 }
@@ -41,8 +41,9 @@ pub enum Timer {
 /// A client GET being routed.
 struct Pending {
     ticket: Ticket,
-    client_id: Option<Box<str>>,
-    key: Box<str>,
+    /// The client's id as raw JSON, empty when it had none (a JSON id is never empty).
+    client_id: String,
+    key: String,
     received: Instant,
     /// Proxies already tried (bit i = proxy i).
     tried: u128,
@@ -55,7 +56,6 @@ struct Pending {
 struct Attempt {
     backend: usize,
     conn: usize,
-    timer: TimerKey,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -71,8 +71,9 @@ struct UpConn {
     up: Upstream,
     backend: usize,
     kind: ConnKind,
-    /// Attempt ids sent on this connection and not answered yet, oldest first.
-    outstanding: Vec<u64>,
+    /// On a single-request connection, the attempt waiting for its answer. (A multiplexed
+    /// connection's attempts are found through `Pending::attempt` when it closes.)
+    waiting: Option<u64>,
     /// Has output queued this turn (listed in `dirty_conns`).
     dirty: bool,
 }
@@ -120,6 +121,13 @@ struct Core {
     latency_us: LatencyHistogram,
     /// Reused for every routing decision.
     candidates: Vec<Candidate>,
+    /// (deadline, attempt id) in sending order. Every attempt gets the same try timeout, so
+    /// deadlines arrive sorted: one loop timer for the front does the work of a timer per
+    /// request, with nothing to insert or cancel. Answered attempts are skipped when reached.
+    deadlines: VecDeque<(Instant, u64)>,
+    deadline_timer_armed: bool,
+    /// Spare strings for keys and ids, so that routing a GET allocates nothing.
+    spare_strings: Vec<String>,
 }
 
 pub struct Balancer {
@@ -139,13 +147,43 @@ fn exchange_token(index: usize) -> Token {
     peer_token(index * 2 + 1)
 }
 
+impl Pending {
+    fn client_id(&self) -> Option<&str> {
+        Some(self.client_id.as_str()).filter(|id| !id.is_empty())
+    }
+}
+
+const MAX_SPARE_STRINGS: usize = 4096;
+
 impl Core {
-    /// Answers the client of attempt `id` with `encode` and forgets the request.
-    fn succeed(&mut self, ctx: &mut Ctx<Timer>, id: u64, encode: impl FnOnce(&mut Vec<u8>, Option<&str>)) {
-        let Some(index) = self.attempts.remove(&id) else { return };
-        let Some(p) = self.pendings.try_remove(index) else { return };
-        if let Some(attempt) = p.attempt {
-            ctx.cancel(attempt.timer);
+    /// A string holding `text`, reusing a spare allocation when there is one.
+    fn pooled(&mut self, text: &str) -> String {
+        let mut s = self.spare_strings.pop().unwrap_or_default();
+        s.clear();
+        s.push_str(text);
+        s
+    }
+
+    fn forget(&mut self, p: Pending) {
+        for s in [p.key, p.client_id] {
+            if self.spare_strings.len() < MAX_SPARE_STRINGS && s.capacity() <= 512 {
+                self.spare_strings.push(s);
+            }
+        }
+    }
+
+    /// Answers the client of attempt `id` with `encode` and forgets the request; returns the
+    /// attempt, or `None` if nobody waits for `id` any more (a late answer after a timeout).
+    fn succeed(
+        &mut self,
+        ctx: &mut Ctx<Timer>,
+        id: u64,
+        encode: impl FnOnce(&mut Vec<u8>, Option<&str>),
+    ) -> Option<Attempt> {
+        let index = self.attempts.remove(&id)?;
+        let p = self.pendings.try_remove(index)?;
+        let attempt = p.attempt;
+        if let Some(attempt) = attempt {
             let b = &mut self.backends[attempt.backend];
             b.in_flight = b.in_flight.saturating_sub(1);
             if b.health.is_healthy() {
@@ -153,18 +191,28 @@ impl Core {
                 b.health.record_success();
             }
         }
-        let client_id = p.client_id.as_deref();
-        ctx.complete(p.ticket, |out| encode(out, client_id));
+        ctx.complete(p.ticket, |out| encode(out, p.client_id()));
         self.latency_us.record(p.received.elapsed());
+        self.forget(p);
+        // Answers come back roughly in sending order: drop the answered attempts at the front
+        // of the deadline queue now, so that it holds about what is in flight.
+        while let Some(&(_, front)) = self.deadlines.front() {
+            if self.attempts.contains_key(&front) {
+                break;
+            }
+            self.deadlines.pop_front();
+        }
+        attempt
     }
 
     fn give_up(&mut self, ctx: &mut Ctx<Timer>, index: usize) {
         let Some(p) = self.pendings.try_remove(index) else { return };
         self.counters.errors += 1;
-        let id = p.client_id.as_deref().and_then(Id::from_raw_json);
+        let id = p.client_id().and_then(Id::from_raw_json);
         let message = format!("no proxy answered ({} attempts; last: {})", p.attempts, p.last_error);
         ctx.complete(p.ticket, |out| Reply::error(Status::ProxyUnreachable, &message).id(id).encode(out));
         self.latency_us.record(p.received.elapsed());
+        self.forget(p);
     }
 
     /// A real request to `backend` failed: passive health (a refusal takes it down at once).
@@ -190,6 +238,9 @@ impl Balancer {
                 counters: Counters::default(),
                 latency_us: LatencyHistogram::new(),
                 candidates: Vec::new(),
+                deadlines: VecDeque::new(),
+                deadline_timer_armed: false,
+                spare_strings: Vec::new(),
             },
             conns: Slab::new(),
             dirty_conns: Vec::new(),
@@ -209,8 +260,8 @@ impl Balancer {
         core.counters.routed += 1;
         let pending = Pending {
             ticket: ctx.defer(client, id.is_none()),
-            client_id: id.map(|id| id.as_json().into()),
-            key: key.into(),
+            client_id: core.pooled(id.map_or("", |id| id.as_json())),
+            key: core.pooled(key),
             received: ctx.now(),
             tried: 0,
             attempts: 0,
@@ -270,7 +321,7 @@ impl Balancer {
         let conn = entry.key();
         let up = Upstream::connect(b.addr, ctx.registry(), conn_token(conn))
             .map_err(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)?;
-        entry.insert(UpConn { up, backend, kind, outstanding: Vec::new(), dirty: false });
+        entry.insert(UpConn { up, backend, kind, waiting: None, dirty: false });
         if kind == ConnKind::Mux {
             b.mux = Some(conn);
         }
@@ -298,14 +349,21 @@ impl Balancer {
             }
             ConnKind::Single => write_text_request(out, "GET", Some(&p.key)),
         }
-        c.outstanding.push(id);
+        if c.kind == ConnKind::Single {
+            c.waiting = Some(id);
+        }
         if !c.dirty {
             c.dirty = true;
             self.dirty_conns.push(conn);
         }
-        let timer = ctx.schedule(ctx.now() + core.config.try_timeout, Timer::Attempt(id));
-        p.attempt = Some(Attempt { backend, conn, timer });
+        p.attempt = Some(Attempt { backend, conn });
         core.attempts.insert(id, index);
+        let deadline = ctx.now() + core.config.try_timeout;
+        core.deadlines.push_back((deadline, id));
+        if !core.deadline_timer_armed {
+            core.deadline_timer_armed = true;
+            ctx.schedule(deadline, Timer::AttemptDeadlines);
+        }
         let b = &mut core.backends[backend];
         b.in_flight += 1;
         b.forwarded += 1;
@@ -320,7 +378,6 @@ impl Balancer {
         let Some(p) = core.pendings.get_mut(index) else { return };
         let Some(attempt) = p.attempt.take() else { return };
         p.last_error = why;
-        ctx.cancel(attempt.timer);
         let b = &mut core.backends[attempt.backend];
         b.in_flight = b.in_flight.saturating_sub(1);
         core.note_failure(attempt.backend, refused);
@@ -337,7 +394,15 @@ impl Balancer {
             b.mux = None;
         }
         b.idle.retain(|i| *i != conn);
-        for id in c.outstanding {
+        // A rare event: finding the requests that were on it by a scan is fine.
+        let lost: Vec<u64> = self
+            .core
+            .attempts
+            .iter()
+            .filter(|(_, &index)| self.core.pendings.get(index).and_then(|p| p.attempt).is_some_and(|a| a.conn == conn))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in lost {
             self.fail_attempt(ctx, id, refused, why);
         }
     }
@@ -353,31 +418,33 @@ impl Balancer {
         loop {
             let c = &mut self.conns[conn];
             let Frame::Line(line, used) = c.up.frame(MAX_ANSWER) else { break };
-            let answered = match c.kind {
+            let well_formed = match c.kind {
                 ConnKind::Mux => match parse_tagged(line) {
                     Some(tagged) => {
-                        let id = tagged.id();
-                        self.core.succeed(ctx, id, |out, client_id| write_tagged(&tagged, client_id, out));
-                        Some(id)
+                        // None: a late answer to an attempt that timed out; dropped.
+                        let _ =
+                            self.core.succeed(ctx, tagged.id(), |out, client_id| write_tagged(&tagged, client_id, out));
+                        true
                     }
-                    None => None,
+                    None => false,
                 },
-                ConnKind::Single => match c.outstanding.first().copied() {
-                    Some(id) if write_untagged(line, None, &mut Vec::new()).is_some() => {
-                        self.core.succeed(ctx, id, |out, client_id| {
+                ConnKind::Single => match c.waiting.take() {
+                    Some(id) if is_json_object(line) => {
+                        let _ = self.core.succeed(ctx, id, |out, client_id| {
                             let _ = write_untagged(line, client_id, out);
                         });
-                        Some(id)
+                        true
                     }
-                    _ => None,
+                    waiting => {
+                        c.waiting = waiting;
+                        false
+                    }
                 },
             };
-            let c = &mut self.conns[conn];
-            c.up.consume(used);
-            match answered {
-                Some(id) => c.outstanding.retain(|o| *o != id),
+            self.conns[conn].up.consume(used);
+            if !well_formed {
                 // Garbage, or an answer nobody asked for: this connection cannot be trusted.
-                None => return self.close_conn(ctx, conn, false, "proxy answered garbage"),
+                return self.close_conn(ctx, conn, false, "proxy answered garbage");
             }
         }
         let c = &mut self.conns[conn];
@@ -387,7 +454,7 @@ impl Balancer {
         if c.up.is_eof() {
             return self.close_conn(ctx, conn, false, "proxy closed the connection");
         }
-        if c.kind == ConnKind::Single && c.outstanding.is_empty() {
+        if c.kind == ConnKind::Single && c.waiting.is_none() {
             let backend = c.backend;
             let b = &mut self.core.backends[backend];
             if !b.idle.contains(&conn) {
@@ -396,23 +463,36 @@ impl Balancer {
         }
     }
 
+    /// Fails every attempt whose try timeout has passed, then re-arms the timer for the next.
+    fn on_attempt_deadlines(&mut self, ctx: &mut Ctx<Timer>) {
+        self.core.deadline_timer_armed = false;
+        let now = ctx.now();
+        while let Some(&(deadline, id)) = self.core.deadlines.front() {
+            if deadline > now {
+                self.core.deadline_timer_armed = true;
+                ctx.schedule(deadline, Timer::AttemptDeadlines);
+                break;
+            }
+            self.core.deadlines.pop_front();
+            // Already answered (or failed) attempts are simply skipped.
+            if self.core.attempts.contains_key(&id) {
+                self.on_attempt_timeout(ctx, id);
+            }
+        }
+    }
+
     fn on_attempt_timeout(&mut self, ctx: &mut Ctx<Timer>, id: u64) {
         let Some(&index) = self.core.attempts.get(&id) else { return };
         let Some(attempt) = self.core.pendings.get(index).and_then(|p| p.attempt) else { return };
+        // On a multiplexed connection others share it: just stop waiting (a late answer
+        // carries an id nobody waits for and is dropped). A single-request connection would
+        // take a late answer for the next request's: close it.
         if let Some(c) = self.conns.get_mut(attempt.conn) {
-            match c.kind {
-                // Other requests share this connection: just stop waiting for this one (a
-                // late answer carries an id nobody waits for and is dropped).
-                ConnKind::Mux => c.outstanding.retain(|o| *o != id),
-                // A late answer would be taken for the next request's: close it.
-                ConnKind::Single => {
-                    c.outstanding.clear();
-                    self.close_conn(ctx, attempt.conn, false, "timed out");
-                }
+            if c.kind == ConnKind::Single {
+                c.waiting = None;
+                self.close_conn(ctx, attempt.conn, false, "timed out");
             }
         }
-        // The timer has fired; make sure it is not cancelled later by key.
-        ctx.cancel(attempt.timer);
         self.fail_attempt(ctx, id, false, "timed out");
     }
 
@@ -569,6 +649,11 @@ impl Balancer {
     }
 }
 
+/// Whether a line is one JSON object (what an answer from a text-form peer must be).
+fn is_json_object(line: &[u8]) -> bool {
+    line.first() == Some(&b'{') && serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok()
+}
+
 fn log_transition(b: &Backend, transition: Option<Transition>, why: &str) {
     match transition {
         Some(Transition::WentDown) => warn!("proxy {} is DOWN ({why})", b.name),
@@ -689,7 +774,7 @@ impl Service for Balancer {
                     self.core.backends[backend].polling = true;
                 }
             }
-            Timer::Attempt(id) => self.on_attempt_timeout(ctx, id),
+            Timer::AttemptDeadlines => self.on_attempt_deadlines(ctx),
             Timer::Exchange(index) => self.finish_exchange(ctx, index, None),
         }
     }

@@ -236,12 +236,18 @@ fn parse_text(text: &str) -> Result<Request<'_>, RequestError<'_>> {
 #[derive(Deserialize)]
 struct WireRequest<'a> {
     #[serde(default, borrow)]
-    op: Option<Cow<'a, str>>,
+    op: Option<Text<'a>>,
     #[serde(default, borrow)]
-    key: Option<Cow<'a, str>>,
+    key: Option<Text<'a>>,
     #[serde(default, borrow)]
     id: Option<&'a RawValue>,
 }
+
+/// A JSON string, borrowed from the line unless it has escapes. serde borrows a `Cow<str>`
+/// only when the field's type is exactly that; inside an `Option` it would always allocate,
+/// hence this newtype.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// Used only when a JSON request is malformed, to find an id to echo in the error.
 #[derive(Deserialize)]
@@ -268,10 +274,10 @@ fn parse_json(text: &str) -> Result<Request<'_>, RequestError<'_>> {
             None => return Err(RequestError::bad("id must be a number, a string or null")),
         },
     };
-    let Some(op) = wire.op else {
+    let Some(Text(op)) = wire.op else {
         return Err(RequestError::bad("missing \"op\"").with_id(id));
     };
-    let op = op_from_name(&op, wire.key, false).map_err(|e| e.with_id(id))?;
+    let op = op_from_name(&op, wire.key.map(|Text(key)| key), false).map_err(|e| e.with_id(id))?;
     Ok(Request { op, id })
 }
 
@@ -487,12 +493,20 @@ mod tests {
             (r#"{"op":"health","key":"ignored","extra":[1,{"a":2}]}"#, Op::Health, None),
             (r#"{"op":"purge","key":"article/1"}"#, Op::Purge(Key(Cow::Borrowed("article/1"))), None),
             (r#"  { "op" : "get" , "key" : "a\/b" }"#, Op::Get(Key(Cow::Owned("a/b".into()))), None),
+            (r#"{"op":"g\u0065t","key":"\u0061"}"#, get("a"), None),
         ];
         for (line, op, id) in table {
             let req = ok(line);
             assert_eq!(&req.op, op, "{line:?}");
             assert_eq!(req.id.map(|i| i.as_json()), *id, "{line:?}");
         }
+    }
+
+    #[test]
+    fn json_strings_without_escapes_are_borrowed_from_the_line() {
+        let req = ok(r#"{"op":"get","key":"article/1","id":7}"#);
+        let Op::Get(Key(key)) = req.op else { panic!() };
+        assert!(matches!(key, Cow::Borrowed(_)), "the key was copied");
     }
 
     #[test]

@@ -432,6 +432,10 @@ pub struct Server<S: Service> {
     scratch: Box<[u8]>,
     /// Clients that used up their read budget and must be read again next turn.
     again: Vec<ClientId>,
+    /// Swapped with `again` and `Ctx::dirty` while they are worked through, so that neither
+    /// list gives up its allocation each turn.
+    again_batch: Vec<ClientId>,
+    dirty_batch: Vec<usize>,
     ctx: Ctx<S::Timer>,
     service: S,
 }
@@ -476,6 +480,8 @@ impl<S: Service> Server<S> {
             shutdown,
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             again: Vec::new(),
+            again_batch: Vec::new(),
+            dirty_batch: Vec::new(),
             ctx: Ctx {
                 now: Instant::now(),
                 registry,
@@ -529,11 +535,14 @@ impl<S: Service> Server<S> {
             }
             self.ctx.now = Instant::now();
             self.handle_events();
-            for client in std::mem::take(&mut self.again) {
+            std::mem::swap(&mut self.again, &mut self.again_batch);
+            let mut batch = std::mem::take(&mut self.again_batch);
+            for client in batch.drain(..) {
                 if let Some(index) = self.ctx.live_index(client) {
                     self.drive(index);
                 }
             }
+            self.again_batch = batch;
             if self.fire_timers() {
                 break;
             }
@@ -696,12 +705,15 @@ impl<S: Service> Server<S> {
 
     fn flush_dirty(&mut self) {
         while !self.ctx.dirty.is_empty() {
-            for index in std::mem::take(&mut self.ctx.dirty) {
+            std::mem::swap(&mut self.ctx.dirty, &mut self.dirty_batch);
+            let mut batch = std::mem::take(&mut self.dirty_batch);
+            for index in batch.drain(..) {
                 if let Some(c) = self.ctx.clients.get_mut(index) {
                     c.dirty = false;
                     self.drive(index);
                 }
             }
+            self.dirty_batch = batch;
         }
     }
 
