@@ -184,6 +184,12 @@ struct Client {
     unordered: usize,
     writable_registered: bool,
     read_closed: bool,
+    /// The last read was shorter than the buffer: the socket is empty until the next
+    /// readiness event (Linux's edge-triggered epoll reports every arrival, so skipping the
+    /// read that would only say EAGAIN loses nothing; tokio does the same).
+    drained: bool,
+    /// The peer's close was reported: keep reading until EOF, short reads or not.
+    hangup: bool,
     /// Read nothing more; close once everything owed is written.
     closing: bool,
     dirty: bool,
@@ -572,7 +578,10 @@ impl<S: Service> Server<S> {
                 WAKER if self.shutdown.requested.load(Ordering::SeqCst) => self.begin_drain("shutdown requested"),
                 token if token.0 >= PEER_BASE => self.service.on_peer_event(&mut self.ctx, token, event),
                 Token(t) if t >= CLIENT_BASE && self.ctx.clients.contains(t - CLIENT_BASE) => {
-                    self.drive(t - CLIENT_BASE)
+                    let c = &mut self.ctx.clients[t - CLIENT_BASE];
+                    c.drained = false;
+                    c.hangup |= event.is_read_closed() || event.is_error();
+                    self.drive(t - CLIENT_BASE);
                 }
                 _ => {}
             }
@@ -660,6 +669,8 @@ impl<S: Service> Server<S> {
             unordered: 0,
             writable_registered: false,
             read_closed: false,
+            drained: false,
+            hangup: false,
             closing: self.ctx.draining,
             dirty: false,
             last_active: self.ctx.now,
@@ -733,7 +744,9 @@ impl<S: Service> Server<S> {
                 }
             }
             if c.closing || c.read_closed {
-                if c.owes_nothing() {
+                // After EOF, a last line without its newline is still to be answered; a
+                // closing connection (drain, line too long) reads nothing more.
+                if c.owes_nothing() && (c.closing || c.carry.is_empty()) {
                     return self.close(index);
                 }
                 if c.closing {
@@ -768,6 +781,9 @@ impl<S: Service> Server<S> {
                 }
                 return self.update_interest(index);
             }
+            if c.drained {
+                return self.update_interest(index);
+            }
             if reads == READ_BUDGET {
                 let serial = c.serial;
                 self.again.push(ClientId { index, serial });
@@ -778,6 +794,7 @@ impl<S: Service> Server<S> {
                 Ok(0) => c.read_closed = true,
                 Ok(n) => {
                     c.last_active = self.ctx.now;
+                    c.drained = n < self.scratch.len() && !c.hangup;
                     let fresh = &self.scratch[..n];
                     if c.carry.is_empty() {
                         // The common case: lines straight from the read buffer, no copy.

@@ -455,3 +455,23 @@ fn a_missing_data_dir_fails_at_start_up() {
     let err = origin::bind(OriginConfig::new("/nonexistent/data")).err().unwrap();
     assert!(err.to_string().contains("/nonexistent/data"), "{err}");
 }
+
+#[test]
+fn a_request_followed_at_once_by_the_clients_close_is_answered_and_the_connection_ends() {
+    let mut config = OriginConfig::new(sample_data());
+    config.server.idle_timeout = Duration::from_secs(30);
+    let server = start(config);
+    for _ in 0..50 {
+        let mut stream = TcpStream::connect(server.addr()).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Data and FIN in one go, as `printf 'GET a\n' | nc -N` sends them.
+        stream.write_all(b"GET article/1\nGET article/2").unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap(); // returns once the origin closes
+        assert_eq!(answer.lines().count(), 2, "{answer}");
+        assert!(answer.lines().all(|l| l.contains("\"OK\"")), "{answer}");
+    }
+    // Closed by the origin right after answering, not by the idle timeout.
+    assert!(wait_until(Duration::from_secs(2), || metrics(server.addr()).unwrap()["connections"] == 1));
+}
