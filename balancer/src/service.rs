@@ -3,6 +3,7 @@
 //! PURGE fan-out — all on the one loop, driven by its timers.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::time::Instant;
 
 use common::framing::Frame;
@@ -50,6 +51,17 @@ struct Pending {
     attempts: u32,
     attempt: Option<Attempt>,
     last_error: &'static str,
+    /// The key's hash in `Core::leaders`.
+    key_hash: u64,
+    /// GETs for the same key that arrived while this one was in flight: they get its answer.
+    followers: Vec<Follower>,
+}
+
+/// A GET collapsed onto an identical one already in flight.
+struct Follower {
+    ticket: Ticket,
+    client_id: String,
+    received: Instant,
 }
 
 #[derive(Clone, Copy)]
@@ -103,6 +115,7 @@ struct PurgeFanOut {
 #[derive(Default, Clone, Copy)]
 struct Counters {
     routed: u64,
+    collapsed: u64,
     errors: u64,
     retries: u64,
 }
@@ -128,6 +141,14 @@ struct Core {
     deadline_timer_armed: bool,
     /// Spare strings for keys and ids, so that routing a GET allocates nothing.
     spare_strings: Vec<String>,
+    /// Key hash → the pending GET in flight for that key, which later GETs for the same key
+    /// join instead of going upstream themselves (request collapsing). Keyed by a hash with
+    /// a random seed so that nothing is allocated; two keys with the same hash just do not
+    /// collapse.
+    leaders: HashMap<u64, usize>,
+    hasher: RandomState,
+    /// Client GETs accepted and not yet answered (leaders and followers): `--max-pending`.
+    waiting: usize,
 }
 
 pub struct Balancer {
@@ -164,11 +185,33 @@ impl Core {
         s
     }
 
-    fn forget(&mut self, p: Pending) {
-        for s in [p.key, p.client_id] {
-            if self.spare_strings.len() < MAX_SPARE_STRINGS && s.capacity() <= 512 {
-                self.spare_strings.push(s);
-            }
+    fn recycle(&mut self, s: String) {
+        if self.spare_strings.len() < MAX_SPARE_STRINGS && s.capacity() <= 512 {
+            self.spare_strings.push(s);
+        }
+    }
+
+    /// Takes the request out of the collapsing index and returns its strings to the pool.
+    fn forget(&mut self, index: usize, p: Pending) {
+        if self.leaders.get(&p.key_hash) == Some(&index) {
+            self.leaders.remove(&p.key_hash);
+        }
+        self.waiting = self.waiting.saturating_sub(1 + p.followers.len());
+        self.recycle(p.key);
+        self.recycle(p.client_id);
+        for follower in p.followers {
+            self.recycle(follower.client_id);
+        }
+    }
+
+    /// Answers a finished request's client and its followers, each with its own id.
+    fn answer_all(&mut self, ctx: &mut Ctx<Timer>, p: &Pending, encode: &impl Fn(&mut Vec<u8>, Option<&str>)) {
+        ctx.complete(p.ticket, |out| encode(out, p.client_id()));
+        self.latency_us.record(p.received.elapsed());
+        for f in &p.followers {
+            let client_id = Some(f.client_id.as_str()).filter(|id| !id.is_empty());
+            ctx.complete(f.ticket, |out| encode(out, client_id));
+            self.latency_us.record(f.received.elapsed());
         }
     }
 
@@ -178,7 +221,7 @@ impl Core {
         &mut self,
         ctx: &mut Ctx<Timer>,
         id: u64,
-        encode: impl FnOnce(&mut Vec<u8>, Option<&str>),
+        encode: impl Fn(&mut Vec<u8>, Option<&str>),
     ) -> Option<Attempt> {
         let index = self.attempts.remove(&id)?;
         let p = self.pendings.try_remove(index)?;
@@ -191,9 +234,8 @@ impl Core {
                 b.health.record_success();
             }
         }
-        ctx.complete(p.ticket, |out| encode(out, p.client_id()));
-        self.latency_us.record(p.received.elapsed());
-        self.forget(p);
+        self.answer_all(ctx, &p, &encode);
+        self.forget(index, p);
         // Answers come back roughly in sending order: drop the answered attempts at the front
         // of the deadline queue now, so that it holds about what is in flight.
         while let Some(&(_, front)) = self.deadlines.front() {
@@ -207,12 +249,12 @@ impl Core {
 
     fn give_up(&mut self, ctx: &mut Ctx<Timer>, index: usize) {
         let Some(p) = self.pendings.try_remove(index) else { return };
-        self.counters.errors += 1;
-        let id = p.client_id().and_then(Id::from_raw_json);
+        self.counters.errors += 1 + p.followers.len() as u64;
         let message = format!("no proxy answered ({} attempts; last: {})", p.attempts, p.last_error);
-        ctx.complete(p.ticket, |out| Reply::error(Status::ProxyUnreachable, &message).id(id).encode(out));
-        self.latency_us.record(p.received.elapsed());
-        self.forget(p);
+        self.answer_all(ctx, &p, &|out: &mut Vec<u8>, client_id: Option<&str>| {
+            Reply::error(Status::ProxyUnreachable, &message).id(client_id.and_then(Id::from_raw_json)).encode(out)
+        });
+        self.forget(index, p);
     }
 
     /// A real request to `backend` failed: passive health (a refusal takes it down at once).
@@ -241,6 +283,9 @@ impl Balancer {
                 deadlines: VecDeque::new(),
                 deadline_timer_armed: false,
                 spare_strings: Vec::new(),
+                leaders: HashMap::new(),
+                hasher: RandomState::new(),
+                waiting: 0,
             },
             conns: Slab::new(),
             dirty_conns: Vec::new(),
@@ -251,11 +296,25 @@ impl Balancer {
 
     fn get(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, key: &str, id: Option<Id<'_>>) {
         let core = &mut self.core;
-        if core.pendings.len() >= core.config.max_pending {
+        if core.waiting >= core.config.max_pending {
             core.counters.errors += 1;
             return ctx.reply(client, id.is_none(), |out| {
                 Reply::error(Status::Overloaded, "too many requests in flight").id(id).encode(out)
             });
+        }
+        core.waiting += 1;
+        let key_hash = core.hasher.hash_one(key);
+        if let Some(&leader) = core.leaders.get(&key_hash) {
+            if core.pendings.get(leader).is_some_and(|p| p.key == key) {
+                core.counters.collapsed += 1;
+                let follower = Follower {
+                    ticket: ctx.defer(client, id.is_none()),
+                    client_id: core.pooled(id.map_or("", |id| id.as_json())),
+                    received: ctx.now(),
+                };
+                core.pendings[leader].followers.push(follower);
+                return;
+            }
         }
         core.counters.routed += 1;
         let pending = Pending {
@@ -267,8 +326,11 @@ impl Balancer {
             attempts: 0,
             attempt: None,
             last_error: "no proxy configured",
+            key_hash,
+            followers: Vec::new(),
         };
         let index = core.pendings.insert(pending);
+        core.leaders.entry(key_hash).or_insert(index);
         self.dispatch(ctx, index);
     }
 
@@ -567,6 +629,13 @@ impl Balancer {
     }
 
     fn purge(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, key: &str, id: Option<Id<'_>>) {
+        // A GET in flight may bring pre-purge data: later GETs must not join it.
+        let key_hash = self.core.hasher.hash_one(key);
+        if let Some(&leader) = self.core.leaders.get(&key_hash) {
+            if self.core.pendings.get(leader).is_some_and(|p| p.key == key) {
+                self.core.leaders.remove(&key_hash);
+            }
+        }
         let fan_out = self.purges.insert(PurgeFanOut {
             ticket: ctx.defer(client, id.is_none()),
             client_id: id.map(|id| id.as_json().into()),
@@ -640,6 +709,7 @@ impl Balancer {
             total_requests: ctx.total_requests() + 1,
             errors: core.counters.errors,
             retries: core.counters.retries,
+            collapsed: core.counters.collapsed,
             connections: ctx.connections(),
             in_flight: core.pendings.len(),
             latency_us: core.latency_us.summary(),
@@ -713,6 +783,8 @@ struct MetricsData<'a> {
     total_requests: u64,
     errors: u64,
     retries: u64,
+    /// GETs that joined an identical GET already in flight instead of going upstream.
+    collapsed: u64,
     connections: usize,
     in_flight: usize,
     latency_us: LatencySummary,

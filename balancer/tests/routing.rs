@@ -302,3 +302,32 @@ fn answers_keep_client_order_and_ids_through_the_balancer() {
     let tagged = answers.iter().find(|a| a.get("id").is_some()).unwrap();
     assert_eq!((tagged["id"].as_str(), &tagged["data"]["id"]), (Some("x"), &json!(2)));
 }
+
+#[test]
+fn a_herd_of_gets_for_one_cold_key_makes_one_origin_fetch_with_consistent_hash() {
+    let origin = start_origin(300);
+    let proxies: Vec<RunningServer> = (0..3).map(|_| start_proxy(origin.addr())).collect();
+    let addrs: Vec<SocketAddr> = proxies.iter().map(RunningServer::addr).collect();
+    let balancer = start_balancer(&addrs, |c| c.strategy = Strategy::ConsistentHash { load_factor: 1.25 });
+    let addr = balancer.addr();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(100));
+    let workers: Vec<_> = (0..100)
+        .map(|i| {
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let mut c = LineClient::connect(addr).unwrap();
+                barrier.wait();
+                c.request(&format!("{{\"op\":\"get\",\"key\":\"synthetic/7\",\"id\":{i}}}")).unwrap()
+            })
+        })
+        .collect();
+    for (i, worker) in workers.into_iter().enumerate() {
+        let answer = worker.join().unwrap();
+        assert_eq!((answer["status"].as_str(), answer["id"].as_u64()), (Some("OK"), Some(i as u64)), "{answer}");
+        assert_eq!(answer["data"]["key"], "synthetic/7");
+    }
+    assert_eq!(metrics(origin.addr()).unwrap()["ok"], 1, "exactly one origin fetch");
+    let m = metrics(addr).unwrap();
+    assert!(m["collapsed"].as_u64().unwrap() >= 90, "{m}");
+    assert_eq!(m["current_index"].as_u64().unwrap() + m["collapsed"].as_u64().unwrap(), 100);
+}
