@@ -1,59 +1,152 @@
 #!/usr/bin/env bash
-# Hit-path benchmark (W1): its own cluster on free ports (origin with 1000 synthetic keys of
-# 200 bytes, 3 lru proxies, the balancer), all keys warm, uniform GETs through the balancer
-# at 1, 16 and 64 connections, each point 3 times; medians reported.
+# The benchmark suite. Starts its own services on free ports; servers pinned to CPU 0, the
+# load generator to CPU 1, so figures are comparable from run to run.
 #
-# Servers run pinned to CPU 0 and the load generator to CPU 1 (taskset), so that figures are
-# comparable between runs. Settings: DURATION (seconds per point, default 10), STRATEGY
-# (default round_robin), POINTS (default "1 16 64").
+#   W1  hit path: all keys warm, uniform GETs through the balancer, 1, 16 and 64 connections
+#   W2  pipelined: 64 connections x pipeline 16
+#   W3  thundering herd: fresh cluster, origin --latency-ms 100, 500 concurrent GETs of one
+#       cold key: origin fetches, and when the last answer came; per strategy
+#   W4  hit ratio: Zipf(0.99) over 100,000 keys, 3 proxies of 10,000 entries; per strategy,
+#       next to one LRU of 30,000 fed the same key sequence (computed by the bench)
+#
+# W1 and W2 also run against a baseline in the same run, alternating with the cluster: a
+# naive 2-hop relay (client/examples/relay.rs, one upstream connection per client, bytes
+# copied) in front of a responder answering every line with a fixed 250-byte line.
+#
+# Settings: DURATION (s per W1/W2 run, 10), REPS (3), W4_DURATION (20), WORKLOADS ("W1 W2 W3 W4"),
+# SERVER_CPU (0), LOAD_CPU (1).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="$ROOT/target/release"
 DURATION="${DURATION:-10}"
-STRATEGY="${STRATEGY:-round_robin}"
-POINTS="${POINTS:-1 16 64}"
+REPS="${REPS:-3}"
+W4_DURATION="${W4_DURATION:-20}"
+WORKLOADS="${WORKLOADS:-W1 W2 W3 W4}"
 SERVER_CPU="${SERVER_CPU:-0}"
 LOAD_CPU="${LOAD_CPU:-1}"
 
-(cd "$ROOT" && cargo build --release --quiet --bin origin --bin proxy --bin balancer --bin client)
 command -v taskset >/dev/null || { echo "bench: taskset (util-linux) is needed" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "bench: python3 is needed to read the JSON results" >&2; exit 1; }
+echo "building release binaries..." >&2
+(cd "$ROOT" && cargo build --release --quiet --bin origin --bin proxy --bin balancer --bin client \
+    && cargo build --release --quiet -p client --examples)
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-serve() { taskset -c "$SERVER_CPU" "$@" --log-level warn > /dev/null 2>&1 & PIDS+=($!); }
-wait_up() { for _ in $(seq 100); do "$BIN/client" --port "$1" --health --timeout-ms 200 >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "bench: port $1 did not come up" >&2; exit 1; }
-
-ORIGIN=$(free_port); P1=$(free_port); P2=$(free_port); P3=$(free_port); LB=$(free_port)
-serve "$BIN/origin" --port "$ORIGIN" --synthetic-keys 1000 --value-bytes 200 --data-dir "$ROOT/origin/data"
-wait_up "$ORIGIN"
-for p in $P1 $P2 $P3; do serve "$BIN/proxy" --port "$p" --origin-port "$ORIGIN" --cache-type lru; done
-for p in $P1 $P2 $P3; do wait_up "$p"; done
-serve "$BIN/balancer" --port "$LB" --strategy "$STRATEGY" --proxies "127.0.0.1:$P1" "127.0.0.1:$P2" "127.0.0.1:$P3"
-wait_up "$LB"
-
-# Warm every key on every proxy.
-for p in $P1 $P2 $P3; do
-    "$BIN/client" --port "$p" bench --connections 4 --requests 20000 --keys 1000 --warmup 0 --json > /dev/null 2>&1
-done
-
-run_point() { # connections pipeline -> "rps p50 p99"
-    taskset -c "$LOAD_CPU" "$BIN/client" --port "$LB" bench --connections "$1" --pipeline "$2" \
-        --duration "$DURATION" --warmup 1 --keys 1000 --json 2>/dev/null \
-        | python3 -c 'import json,sys; r=json.load(sys.stdin); print(round(r["throughput_rps"]), r["latency_us"]["p50"], r["latency_us"]["p99"], r["errors"])'
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+serve() { taskset -c "$SERVER_CPU" "$@" > /dev/null 2>&1 & PIDS+=($!); }
+wait_up() { # port [health]: until it accepts (and answers HEALTH unless told not to)
+    for _ in $(seq 200); do
+        if [[ "${2:-health}" == health ]]; then
+            "$BIN/client" --port "$1" --health --timeout-ms 200 >/dev/null 2>&1 && return 0
+        else
+            (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        fi
+        sleep 0.05
+    done
+    echo "bench: port $1 did not come up" >&2; exit 1
 }
-median() { sort -n | sed -n 2p; }
+stop_all() { cleanup; PIDS=(); }
 
-echo "W1 hit path through balancer ($STRATEGY) and 3 proxies; servers on CPU $SERVER_CPU, load on CPU $LOAD_CPU; ${DURATION}s per run, median of 3"
-printf '%-12s %-10s %12s %10s %10s %8s\n' connections pipeline "req/s" "p50 us" "p99 us" errors
-for c in $POINTS; do
-    results=$(for _ in 1 2 3; do run_point "$c" 1; done)
-    rps=$(echo "$results" | awk '{print $1}' | median)
-    p50=$(echo "$results" | awk '{print $2}' | median)
-    p99=$(echo "$results" | awk '{print $3}' | median)
-    errors=$(echo "$results" | awk '{s+=$4} END {print s}')
-    printf '%-12s %-10s %12s %10s %10s %8s\n' "$c" 1 "$rps" "$p50" "$p99" "$errors"
-done
+# cluster STRATEGY ORIGIN_ARGS PROXY_ARGS: starts origin, 3 proxies, balancer; sets ORIGIN, LB.
+cluster() {
+    local strategy="$1" origin_args="$2" proxy_args="$3" p ports=()
+    ORIGIN=$(free_port); LB=$(free_port)
+    # shellcheck disable=SC2086
+    serve "$BIN/origin" --port "$ORIGIN" --data-dir "$ROOT/origin/data" --log-level warn $origin_args
+    wait_up "$ORIGIN"
+    for _ in 1 2 3; do
+        p=$(free_port); ports+=("$p")
+        # shellcheck disable=SC2086
+        serve "$BIN/proxy" --port "$p" --origin-port "$ORIGIN" --log-level warn $proxy_args
+    done
+    for p in "${ports[@]}"; do wait_up "$p"; done
+    serve "$BIN/balancer" --port "$LB" --strategy "$strategy" --log-level warn \
+        --proxies "127.0.0.1:${ports[0]}" "127.0.0.1:${ports[1]}" "127.0.0.1:${ports[2]}"
+    wait_up "$LB"
+    sleep 1.2 # the first probes and METRICS polls are done
+}
+
+# load PORT ARGS...: runs client bench pinned, prints its JSON.
+load() { local port="$1"; shift; taskset -c "$LOAD_CPU" "$BIN/client" --port "$port" bench --json "$@" 2>/dev/null; }
+field() { python3 -c "import json,sys; r=json.load(sys.stdin); print($1)"; }
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+echo "# cachetier benchmarks — $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
+echo "# servers on CPU $SERVER_CPU, load generator on CPU $LOAD_CPU; medians of $REPS runs"
+
+if [[ "$WORKLOADS" == *W1* || "$WORKLOADS" == *W2* ]]; then
+    cluster round_robin "--synthetic-keys 1000 --value-bytes 200" "--cache-type lru"
+    CLUSTER_LB=$LB
+    RESPONDER=$(free_port); RELAY=$(free_port)
+    serve "$BIN/examples/responder" "127.0.0.1:$RESPONDER"; wait_up "$RESPONDER" raw
+    serve "$BIN/examples/relay" "127.0.0.1:$RELAY" "127.0.0.1:$RESPONDER"; wait_up "$RELAY" raw
+    load "$CLUSTER_LB" --connections 16 --requests 100000 --keys 1000 --warmup 0 > /dev/null # warm every key everywhere
+
+    point() { # name connections pipeline
+        local name="$1" c="$2" d="$3" cl=() bl=() r
+        for _ in $(seq "$REPS"); do
+            r=$(load "$CLUSTER_LB" --connections "$c" --pipeline "$d" --duration "$DURATION" --warmup 1 --keys 1000 \
+                | field 'round(r["throughput_rps"]), r["latency_us"]["p50"], r["latency_us"]["p99"], r["errors"]')
+            cl+=("$r")
+            r=$(load "$RELAY" --connections "$c" --pipeline "$d" --duration "$DURATION" --warmup 1 --keys 1000 \
+                | field 'round(r["throughput_rps"]), r["latency_us"]["p50"], r["latency_us"]["p99"], r["errors"]')
+            bl+=("$r")
+        done
+        local crps cp50 cp99 cerr brps bp50 bp99
+        crps=$(printf '%s\n' "${cl[@]}" | awk '{print $1}' | median)
+        cp50=$(printf '%s\n' "${cl[@]}" | awk '{print $2}' | median)
+        cp99=$(printf '%s\n' "${cl[@]}" | awk '{print $3}' | median)
+        cerr=$(printf '%s\n' "${cl[@]}" | awk '{s+=$4} END {print s}')
+        brps=$(printf '%s\n' "${bl[@]}" | awk '{print $1}' | median)
+        bp50=$(printf '%s\n' "${bl[@]}" | awk '{print $2}' | median)
+        bp99=$(printf '%s\n' "${bl[@]}" | awk '{print $3}' | median)
+        printf '| %s | %s x %s | %s | %s | %s | %s | %s | %s | %s | %.2fx |\n' "$name" "$c" "$d" \
+            "$crps" "$cp50" "$cp99" "$cerr" "$brps" "$bp50" "$bp99" "$(echo "$crps $brps" | awk '{print $1/$2}')"
+    }
+    echo
+    echo "## W1/W2: hit path through the balancer (round_robin) and 3 lru proxies, vs the relay baseline (${DURATION}s runs)"
+    echo
+    echo "| workload | connections x pipeline | cluster req/s | p50 us | p99 us | errors | relay req/s | p50 us | p99 us | cluster/relay |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    if [[ "$WORKLOADS" == *W1* ]]; then
+        for c in 1 16 64; do point W1 "$c" 1; done
+    fi
+    if [[ "$WORKLOADS" == *W2* ]]; then point W2 64 16; fi
+    stop_all
+fi
+
+if [[ "$WORKLOADS" == *W3* ]]; then
+    echo
+    echo "## W3: thundering herd — fresh cluster, origin --latency-ms 100, 500 concurrent GETs of one cold key"
+    echo
+    echo "| strategy | origin fetches | answered OK | last answer after (ms) |"
+    echo "| --- | --- | --- | --- |"
+    for strategy in round_robin least_loaded consistent_hash; do
+        cluster "$strategy" "--synthetic-keys 10 --latency-ms 100" "--cache-type lru"
+        r=$(load "$LB" --connections 500 --requests 500 --keys 1 --warmup 0 \
+            | field 'r["statuses"].get("OK", 0), round(r["latency_us"]["max"] / 1000, 1)')
+        fetches=$("$BIN/client" --port "$ORIGIN" --metrics | field 'r["data"]["ok"]')
+        printf '| %s | %s | %s | %s |\n' "$strategy" "$fetches" "$(echo "$r" | awk '{print $1}')" "$(echo "$r" | awk '{print $2}')"
+        stop_all
+    done
+fi
+
+if [[ "$WORKLOADS" == *W4* ]]; then
+    echo
+    echo "## W4: hit ratio — Zipf(0.99) over 100,000 keys, 3 lru proxies of 10,000 entries (${W4_DURATION}s after 5s warm-up)"
+    echo
+    echo "| strategy | cluster hit ratio | one LRU of 30,000, same keys | ratio | req/s |"
+    echo "| --- | --- | --- | --- | --- |"
+    for strategy in round_robin least_loaded consistent_hash; do
+        cluster "$strategy" "--synthetic-keys 100000 --value-bytes 200" "--cache-type lru --capacity 10000"
+        r=$(load "$LB" --connections 64 --duration "$W4_DURATION" --warmup 5 --keys 100000 --dist zipf:0.99 --simulate-lru 30000 \
+            | field 'round(r["hit_ratio"], 4), round(r["simulated_lru"]["hit_ratio"], 4), round(r["hit_ratio"] / r["simulated_lru"]["hit_ratio"], 3), round(r["throughput_rps"])')
+        printf '| %s | %s | %s | %s | %s |\n' "$strategy" $r
+        stop_all
+    done
+fi

@@ -75,6 +75,10 @@ pub struct BenchConfig {
     pub seed: u64,
     /// Print a progress line on stderr every second.
     pub progress: bool,
+    /// Also feed the generated key sequence to one LRU cache of this many entries (the
+    /// proxies' own implementation) and report its hit ratio over the measured phase: the
+    /// yardstick for a cluster's hit ratio.
+    pub simulate_lru: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -113,6 +117,52 @@ pub struct BenchReport {
     pub hit_ratio: Option<f64>,
     /// Answers per `node` (a proxy's port), for answers that carry one.
     pub per_node: BTreeMap<String, u64>,
+    /// With `simulate_lru`: the hit ratio one LRU of that size has on the measured requests.
+    pub simulated_lru: Option<SimulatedLru>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SimulatedLru {
+    pub capacity: usize,
+    pub hit_ratio: f64,
+}
+
+/// One LRU cache fed the same keys the bench sends, in the order it sends them.
+struct LruModel {
+    cache: proxy::cache::Cache,
+    epoch: Instant,
+    key: String,
+    hits: u64,
+    lookups: u64,
+}
+
+impl LruModel {
+    fn new(capacity: usize) -> Self {
+        let config = proxy::cache::CacheConfig {
+            policy: proxy::cache::Policy::Lru,
+            capacity,
+            max_bytes: None,
+            ttl: Duration::ZERO,
+            negative_ttl: Duration::ZERO,
+            stale_grace: Duration::ZERO,
+        };
+        let epoch = Instant::now();
+        LruModel { cache: proxy::cache::Cache::new(config, epoch), epoch, key: String::new(), hits: 0, lookups: 0 }
+    }
+
+    fn access(&mut self, prefix: &str, index: usize, measured: bool) {
+        self.key.clear();
+        self.key.push_str(prefix);
+        self.key.push_str(itoa::Buffer::new().format(index));
+        let hit = self.cache.get(&self.key, self.epoch).is_some();
+        if !hit {
+            self.cache.insert(&self.key, b"", false, self.epoch);
+        }
+        if measured {
+            self.lookups += 1;
+            self.hits += u64::from(hit);
+        }
+    }
 }
 
 struct Conn {
@@ -178,14 +228,18 @@ struct KeyPicker {
     zipf: Option<Zipf>,
     keys: usize,
     prefix: String,
+    model: Option<LruModel>,
 }
 
 impl KeyPicker {
-    fn write_get(&mut self, out: &mut Vec<u8>) {
+    fn write_get(&mut self, out: &mut Vec<u8>, measured: bool) {
         let index = match &self.zipf {
             Some(zipf) => zipf.sample(&mut self.rng),
             None => self.rng.below(self.keys),
         };
+        if let Some(model) = self.model.as_mut() {
+            model.access(&self.prefix, index, measured);
+        }
         out.extend_from_slice(b"GET ");
         out.extend_from_slice(self.prefix.as_bytes());
         out.extend_from_slice(itoa::Buffer::new().format(index).as_bytes());
@@ -207,6 +261,7 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
         },
         keys: config.keys.max(1),
         prefix: config.key_prefix.clone(),
+        model: config.simulate_lru.map(LruModel::new),
     };
     let mut conns: Vec<Conn> = Vec::with_capacity(connections);
     for i in 0..connections {
@@ -311,7 +366,12 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
         }
     };
     let duration = end.saturating_duration_since(measure_from).max(Duration::from_micros(1));
-    Ok(report(config, pipeline, connections, duration, &measured))
+    let mut report = report(config, pipeline, connections, duration, &measured);
+    report.simulated_lru = picker.model.map(|m| SimulatedLru {
+        capacity: m.cache.config().capacity,
+        hit_ratio: if m.lookups == 0 { 0.0 } else { m.hits as f64 / m.lookups as f64 },
+    });
+    Ok(report)
 }
 
 fn refill(
@@ -331,7 +391,7 @@ fn refill(
             }
             *issued_measured += 1;
         }
-        picker.write_get(up.out_buf());
+        picker.write_get(up.out_buf(), now >= measure_from);
         conn.sent.push_back(now);
     }
     let _ = up.flush();
@@ -384,6 +444,7 @@ fn report(config: &BenchConfig, pipeline: usize, connections: usize, duration: D
         connection_errors: t.connection_errors,
         hit_ratio: (t.hits + t.misses > 0).then(|| t.hits as f64 / (t.hits + t.misses) as f64),
         per_node: t.per_node.iter().map(|(node, n)| (node.to_string(), *n)).collect(),
+        simulated_lru: None,
     }
 }
 
@@ -413,6 +474,14 @@ pub fn summary(r: &BenchReport) -> String {
         None => {
             let _ = writeln!(s, "hit ratio   - (answers carry no cache_hit)");
         }
+    }
+    if let Some(sim) = &r.simulated_lru {
+        let _ = writeln!(
+            s,
+            "one LRU     {:.2} % hits with {} entries on the same key sequence",
+            sim.hit_ratio * 100.0,
+            sim.capacity
+        );
     }
     let nodes: Vec<String> = r.per_node.iter().map(|(k, v)| format!("{k}: {v}")).collect();
     let _ = writeln!(s, "per node    {}", if nodes.is_empty() { "-".into() } else { nodes.join("  ") });

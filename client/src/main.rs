@@ -85,6 +85,10 @@ struct BenchArgs {
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+
+    /// Also compute the hit ratio one LRU of N entries would have on the same key sequence.
+    #[arg(long, value_name = "N")]
+    simulate_lru: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -131,6 +135,7 @@ fn run_bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
         warmup: args.warmup,
         seed: args.seed,
         progress: true,
+        simulate_lru: args.simulate_lru,
     };
     match bench::run(&config) {
         Ok(report) => {

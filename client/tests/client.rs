@@ -81,6 +81,7 @@ fn bench_counts_every_request_and_reports_hits_and_nodes() {
         warmup: Duration::ZERO,
         seed: 7,
         progress: false,
+        simulate_lru: Some(20),
     };
     let report = bench::run(&config).unwrap();
     assert_eq!(report.requests, 3000);
@@ -92,6 +93,10 @@ fn bench_counts_every_request_and_reports_hits_and_nodes() {
     assert!((0.9..1.0).contains(&ratio), "{report:?}");
     assert_eq!(report.per_node.get(&proxy.addr().port().to_string()), Some(&3000));
     assert!(report.latency_us.p50 > 0 && report.latency_us.max >= report.latency_us.p99);
+    // 50 keys in an LRU of 20 entries, under the same Zipf sequence: some hits, some misses.
+    let sim = report.simulated_lru.as_ref().unwrap();
+    assert_eq!(sim.capacity, 20);
+    assert!((0.3..0.95).contains(&sim.hit_ratio), "{sim:?}");
     let text = bench::summary(&report);
     assert!(text.contains("throughput") && text.contains("p99.9") && text.contains("hit ratio"), "{text}");
 }

@@ -571,12 +571,17 @@ impl<S: Service> Server<S> {
         // Taken out for the turn so that handlers may borrow `self` mutably; swapping in an
         // empty `Events` does not allocate.
         let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        // Upstream answers first: they retire requests (a balancer's in-flight counts drop)
+        // before the turn's new requests are routed on those counts.
+        for event in events.iter().filter(|e| e.token().0 >= PEER_BASE) {
+            self.service.on_peer_event(&mut self.ctx, event.token(), event);
+        }
         for event in events.iter() {
             match event.token() {
                 LISTENER => self.accept_all(),
                 SIGNALS => self.on_signals(),
                 WAKER if self.shutdown.requested.load(Ordering::SeqCst) => self.begin_drain("shutdown requested"),
-                token if token.0 >= PEER_BASE => self.service.on_peer_event(&mut self.ctx, token, event),
+                Token(t) if t >= PEER_BASE => {}
                 Token(t) if t >= CLIENT_BASE && self.ctx.clients.contains(t - CLIENT_BASE) => {
                     let c = &mut self.ctx.clients[t - CLIENT_BASE];
                     c.drained = false;
