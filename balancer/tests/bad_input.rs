@@ -1,0 +1,190 @@
+//! Hostile input against each service (origin, proxy, balancer): every case gets the right
+//! status or a clean close, the service stays up, another client's requests keep being
+//! answered promptly, and memory stays bounded.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::random::SplitMix64;
+use common::testkit::{rss_kib, LineClient, RunningServer};
+use serde_json::Value;
+
+/// Runs HEALTH round trips on its own connection until stopped; returns the slowest.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<Duration>,
+}
+
+impl Prober {
+    fn start(addr: SocketAddr) -> Prober {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut c = LineClient::connect(addr).unwrap();
+            let mut worst = Duration::ZERO;
+            while !flag.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                assert_eq!(c.request("HEALTH").unwrap()["status"], "OK");
+                worst = worst.max(t.elapsed());
+                thread::sleep(Duration::from_millis(10)); // a steady, light probe
+            }
+            worst
+        });
+        Prober { stop, thread }
+    }
+
+    fn finish(self) -> Duration {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+fn answers(c: &mut LineClient, line: &[u8]) -> Value {
+    c.send_raw(line).unwrap();
+    c.recv().unwrap()
+}
+
+/// The whole battery against one service.
+fn battery(addr: SocketAddr, role: &str) {
+    let rss_before = rss_kib(std::process::id()).unwrap_or(0);
+    let prober = Prober::start(addr);
+    let mut c = LineClient::connect(addr).unwrap();
+
+    // Malformed lines: a clear status each, and the connection goes on.
+    let cases: &[(&[u8], &str)] = &[
+        (b"\xc3\x28\xa0\xa1\n", "BAD_REQUEST"),
+        (b"GET a\x00b\n", "BAD_REQUEST"),
+        (b"\x00\x00\x00\n", "WRONG_METHOD"),
+        (
+            b"{\"op\":\"get\",\"key\":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}\n",
+            "BAD_REQUEST",
+        ),
+        (b"{\"op\":\"get\",\"key\":1e999999999}\n", "BAD_REQUEST"),
+        (b"{\"op\":5,\"key\":\"a\"}\n", "BAD_REQUEST"),
+        (b"{\"op\":\"get\",\"key\":{}}\n", "BAD_REQUEST"),
+        (b"{\"op\":\"get\",\"key\":\"a\",\"id\":[]}\n", "BAD_REQUEST"),
+        (b"{\"op\":\"get\",\"key\":\"a\",\"id\":{\"x\":1}}\n", "BAD_REQUEST"),
+        (b"{\"op\":null}\n", "BAD_REQUEST"),
+        (b"{}\n", "BAD_REQUEST"),
+        (b"{\"op\":\"health\"\n", "BAD_REQUEST"),
+        (b"GET ../../etc/passwd\n", "BAD_REQUEST"),
+    ];
+    for (line, status) in cases {
+        let answer = answers(&mut c, line);
+        assert_eq!(answer["status"], *status, "{role}: {:?} -> {answer}", String::from_utf8_lossy(line));
+    }
+    // A deep but ignored field is skipped, and a huge numeric id is echoed as written.
+    let deep = format!("{{\"op\":\"health\",\"x\":{}{},\"id\":1e400}}\n", "[".repeat(20_000), "]".repeat(20_000));
+    c.send_raw(deep.as_bytes()).unwrap();
+    let raw = c.recv_line().unwrap().unwrap();
+    assert!(raw.contains("\"status\":\"OK\"") && raw.ends_with(",\"id\":1e400}\n"), "{role}: {raw}");
+
+    // 10,000 tiny requests in one write: 10,000 answers, in order.
+    let burst = b"HEALTH\n".repeat(10_000);
+    c.send_raw(&burst).unwrap();
+    for _ in 0..10_000 {
+        assert_eq!(c.recv().unwrap()["data"]["role"], role);
+    }
+
+    // Random bytes with newlines here and there: answered or closed, never a crash.
+    let mut rng = SplitMix64::new(99);
+    let mut noise = TcpStream::connect(addr).unwrap();
+    noise.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let bytes: Vec<u8> = (0..200_000).map(|_| if rng.below(50) == 0 { b'\n' } else { rng.next_u64() as u8 }).collect();
+    let _ = noise.write_all(&bytes);
+    let _ = noise.shutdown(std::net::Shutdown::Write);
+    let mut sink = Vec::new();
+    let _ = noise.read_to_end(&mut sink); // ends when the service closes it
+    assert!(sink.split(|b| *b == b'\n').filter(|l| !l.is_empty()).all(|l| serde_json::from_slice::<Value>(l).is_ok()));
+
+    // A line longer than --max-line: BAD_REQUEST at once, then a clean close.
+    let mut long = LineClient::connect(addr).unwrap();
+    long.send_raw(&vec![b'a'; 70_000]).unwrap();
+    assert_eq!(long.recv().unwrap()["status"], "BAD_REQUEST");
+    assert!(long.is_closed_by_peer());
+
+    // Slowloris: a byte every 100 ms is still a request, answered when the line ends.
+    let mut slow = LineClient::connect(addr).unwrap();
+    for byte in b"HEALTH\n" {
+        slow.send_raw(&[*byte]).unwrap();
+        thread::sleep(Duration::from_millis(100)); // the attack is the pacing itself
+    }
+    assert_eq!(slow.recv().unwrap()["status"], "OK");
+
+    // Many half-open connections: half a line each, then silence.
+    let half_open: Vec<TcpStream> = (0..300)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET synth").unwrap();
+            s
+        })
+        .collect();
+
+    // A client that pipelines and never reads: its reading is paused, others are not.
+    let mut hog = TcpStream::connect(addr).unwrap();
+    hog.set_nonblocking(true).unwrap();
+    let chunk = b"HEALTH\n".repeat(10_000);
+    let (mut sent, started) = (0usize, Instant::now());
+    let mut blocked_since = None;
+    while started.elapsed() < Duration::from_secs(20) {
+        match hog.write(&chunk) {
+            Ok(n) => {
+                sent += n;
+                blocked_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if blocked_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(300) {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(5)); // waiting for the socket to stay full
+            }
+            Err(e) => panic!("{role}: hog write failed: {e}"),
+        }
+    }
+    assert!(sent < 64 << 20, "{role} kept reading a client that never reads: {sent} bytes");
+
+    // Still serving normally, with everything above still connected.
+    assert_eq!(LineClient::connect(addr).unwrap().request("HEALTH").unwrap()["status"], "OK");
+    let worst = prober.finish();
+    assert!(worst < Duration::from_millis(500), "{role}: a HEALTH took {worst:?} during the battery");
+    let rss_after = rss_kib(std::process::id()).unwrap_or(0);
+    eprintln!(
+        "bad input vs {role}: slowest probe {worst:?}; hog sent {sent} bytes; RSS {rss_before} -> {rss_after} KiB"
+    );
+    assert!(rss_after < rss_before + 256 * 1024, "{role}: memory grew from {rss_before} to {rss_after} KiB");
+    drop(half_open);
+}
+
+fn origin() -> RunningServer {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../origin/data");
+    let mut config = origin::OriginConfig::new(data);
+    config.synthetic = Some(origin::Synthetic { count: 100, value_bytes: 100 });
+    RunningServer::start(origin::bind(config).unwrap())
+}
+
+#[test]
+fn the_origin_survives_the_battery() {
+    let origin = origin();
+    battery(origin.addr(), "origin");
+}
+
+#[test]
+fn the_proxy_survives_the_battery() {
+    let origin = origin();
+    let proxy = RunningServer::start(proxy::bind(proxy::ProxyConfig::new(origin.addr())).unwrap());
+    battery(proxy.addr(), "proxy");
+}
+
+#[test]
+fn the_balancer_survives_the_battery() {
+    let origin = origin();
+    let proxy = RunningServer::start(proxy::bind(proxy::ProxyConfig::new(origin.addr())).unwrap());
+    let balancer = RunningServer::start(balancer::bind(balancer::BalancerConfig::new(&[proxy.addr()])).unwrap());
+    battery(balancer.addr(), "balancer");
+}

@@ -1,0 +1,266 @@
+//! Faults injected into a cluster of real binaries (origin, 3 proxies, balancer) while a
+//! bounded load runs, checked against a ledger: every request got exactly one answer, the
+//! answer is for its own key, its status is one the fault makes correct, and the cluster is
+//! all healthy again afterwards. The counts of each scenario are printed (`--nocapture`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::testkit::{free_port, metrics, wait_until, workspace_bin, ChildService, LineClient};
+use serde_json::Value;
+
+const WORKERS: usize = 8;
+const PER_WORKER: usize = 5_000;
+const KEYS: usize = 200;
+
+fn bin(name: &str) -> String {
+    workspace_bin(name).unwrap().display().to_string()
+}
+
+struct Cluster {
+    origin_port: u16,
+    proxy_ports: Vec<u16>,
+    lb_port: u16,
+    proxy_args: Vec<String>,
+    origin: ChildService,
+    proxies: Vec<Option<ChildService>>,
+    balancer: Option<ChildService>,
+}
+
+impl Cluster {
+    fn start(proxy_args: &[&str]) -> Cluster {
+        let origin_port = free_port().unwrap();
+        let proxy_ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
+        let lb_port = free_port().unwrap();
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../origin/data").display().to_string();
+        let origin_port_s = origin_port.to_string();
+        let origin = ChildService::spawn(
+            &bin("origin"),
+            &["--port", &origin_port_s, "--data-dir", &data, "--synthetic-keys", "1000", "--log-level", "warn"],
+        )
+        .unwrap();
+        let mut cluster = Cluster {
+            origin_port,
+            proxy_ports,
+            lb_port,
+            proxy_args: proxy_args.iter().map(|s| s.to_string()).collect(),
+            origin,
+            proxies: Vec::new(),
+            balancer: None,
+        };
+        cluster.proxies = (0..3).map(|i| Some(cluster.spawn_proxy(i))).collect();
+        cluster.balancer = Some(cluster.spawn_balancer());
+        cluster
+    }
+
+    fn spawn_proxy(&self, i: usize) -> ChildService {
+        let (port, origin) = (self.proxy_ports[i].to_string(), self.origin_port.to_string());
+        let mut args = vec!["--port", &port, "--origin-port", &origin, "--log-level", "warn"];
+        args.extend(self.proxy_args.iter().map(String::as_str));
+        ChildService::spawn(&bin("proxy"), &args).unwrap()
+    }
+
+    fn spawn_balancer(&self) -> ChildService {
+        let port = self.lb_port.to_string();
+        let proxies: Vec<String> = self.proxy_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut args = vec!["--port", &port, "--log-level", "warn", "--proxies"];
+        args.extend(proxies.iter().map(String::as_str));
+        ChildService::spawn(&bin("balancer"), &args).unwrap()
+    }
+
+    fn lb(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.lb_port))
+    }
+
+    fn all_healthy(&self) -> bool {
+        metrics(self.lb()).is_ok_and(|m| {
+            m["proxies"].as_object().is_some_and(|p| p.len() == 3 && p.values().all(|v| v["healthy"] == true))
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    KillProxy,
+    StopProxy,
+    RestartProxy,
+    StopOrigin,
+    RestartBalancer,
+}
+
+impl Fault {
+    /// What an operator does afterwards so that the cluster can be whole again.
+    fn recover(self, cluster: &mut Cluster) {
+        if let Fault::KillProxy = self {
+            if let Some(mut dead) = cluster.proxies[1].take() {
+                dead.wait_exit(Duration::from_secs(5)).unwrap();
+            }
+            cluster.proxies[1] = Some(cluster.spawn_proxy(1));
+        }
+    }
+
+    fn inject(self, cluster: &mut Cluster) {
+        match self {
+            Fault::KillProxy => cluster.proxies[1].as_ref().unwrap().signal("KILL").unwrap(),
+            Fault::StopProxy => {
+                let proxy = cluster.proxies[1].as_ref().unwrap();
+                proxy.signal("STOP").unwrap();
+                thread::sleep(Duration::from_secs(2)); // the fault lasts 2 s
+                proxy.signal("CONT").unwrap();
+            }
+            Fault::RestartProxy => {
+                let mut victim = cluster.proxies[1].take().unwrap();
+                victim.signal("KILL").unwrap();
+                victim.wait_exit(Duration::from_secs(5)).unwrap();
+                thread::sleep(Duration::from_secs(1)); // down for a second
+                cluster.proxies[1] = Some(cluster.spawn_proxy(1));
+            }
+            Fault::StopOrigin => {
+                cluster.origin.signal("STOP").unwrap();
+                thread::sleep(Duration::from_secs(2)); // the fault lasts 2 s
+                cluster.origin.signal("CONT").unwrap();
+            }
+            Fault::RestartBalancer => {
+                let mut old = cluster.balancer.take().unwrap();
+                old.signal("KILL").unwrap();
+                old.wait_exit(Duration::from_secs(5)).unwrap();
+                thread::sleep(Duration::from_millis(500)); // down for half a second
+                cluster.balancer = Some(cluster.spawn_balancer());
+            }
+        }
+    }
+}
+
+/// One worker's requests: each answered exactly once, resent after a lost connection.
+#[derive(Default)]
+struct Ledger {
+    statuses: BTreeMap<String, usize>,
+    stale: usize,
+    resent: usize,
+    answers: usize,
+}
+
+fn connect(addr: SocketAddr) -> LineClient {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match LineClient::connect_timeout(addr, Duration::from_secs(1)) {
+            Ok(c) => return c,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)), // retry pacing
+            Err(e) => panic!("cannot reconnect to {addr}: {e}"),
+        }
+    }
+}
+
+fn worker(addr: SocketAddr, t: usize, done: Arc<AtomicUsize>) -> Ledger {
+    let mut ledger = Ledger::default();
+    let mut c = connect(addr);
+    for i in 0..PER_WORKER {
+        let key = format!("synthetic/{}", (t * PER_WORKER + i) % KEYS);
+        let answer: Value = loop {
+            match c.request(&format!("GET {key}")) {
+                Ok(answer) => break answer,
+                Err(_) => {
+                    // The balancer went away mid-request: a GET is safe to send again.
+                    ledger.resent += 1;
+                    c = connect(addr);
+                }
+            }
+        };
+        ledger.answers += 1;
+        let status = answer["status"].as_str().unwrap_or("?").to_owned();
+        if status == "OK" {
+            assert_eq!(answer["data"]["key"], key.as_str(), "an answer for another key: {answer}");
+        }
+        if answer["stale"] == true {
+            ledger.stale += 1;
+        }
+        *ledger.statuses.entry(status).or_default() += 1;
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    // Nothing more may arrive: no request was answered twice.
+    c.set_timeout(Duration::from_millis(200)).unwrap();
+    assert!(!matches!(c.recv_line(), Ok(Some(_))), "an extra answer arrived");
+    ledger
+}
+
+fn scenario(name: &str, fault: Fault, proxy_args: &[&str], allowed: &[&str]) {
+    let mut cluster = Cluster::start(proxy_args);
+    assert!(wait_until(Duration::from_secs(10), || cluster.all_healthy()));
+    let done = Arc::new(AtomicUsize::new(0));
+    let addr = cluster.lb();
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|t| {
+            let done = done.clone();
+            thread::spawn(move || worker(addr, t, done))
+        })
+        .collect();
+    let total = WORKERS * PER_WORKER;
+    assert!(wait_until(Duration::from_secs(60), || done.load(Ordering::Relaxed) >= total / 4));
+    let started = Instant::now();
+    fault.inject(&mut cluster);
+    let fault_time = started.elapsed();
+    let mut ledger = Ledger::default();
+    for w in workers {
+        let l = w.join().unwrap();
+        for (status, n) in l.statuses {
+            *ledger.statuses.entry(status).or_default() += n;
+        }
+        ledger.stale += l.stale;
+        ledger.resent += l.resent;
+        ledger.answers += l.answers;
+    }
+    eprintln!(
+        "ledger {name}: {} requests, {} answered, statuses {:?}, stale {}, resent after reconnect {}, fault took {:?}",
+        total, ledger.answers, ledger.statuses, ledger.stale, ledger.resent, fault_time
+    );
+    assert_eq!(ledger.answers, total, "every request answered exactly once");
+    for status in ledger.statuses.keys() {
+        assert!(allowed.contains(&status.as_str()), "{name}: {status} is not a correct answer to this fault");
+    }
+    fault.recover(&mut cluster);
+    assert!(wait_until(Duration::from_secs(15), || cluster.all_healthy()), "{name}: not all healthy again");
+}
+
+#[test]
+fn ledger_kill_9_of_a_proxy() {
+    scenario("kill -9 proxy", Fault::KillProxy, &["--cache-type", "lru"], &["OK"]);
+}
+
+#[test]
+fn ledger_sigstop_of_a_proxy_for_2s() {
+    scenario("SIGSTOP proxy 2s", Fault::StopProxy, &["--cache-type", "lru"], &["OK"]);
+}
+
+#[test]
+fn ledger_restart_of_a_killed_proxy() {
+    scenario("restart killed proxy", Fault::RestartProxy, &["--cache-type", "lru"], &["OK"]);
+}
+
+/// Entries expire every second, so misses reach the stopped origin. The proxies give up on
+/// it after 500 ms, before the balancer's 1 s try timeout, so ORIGIN_FAILURE is the correct
+/// answer for a miss during the 2 s stop.
+#[test]
+fn ledger_origin_stopped_for_2s_without_stale() {
+    let args = ["--cache-type", "ttl", "--ttl", "1", "--origin-timeout-ms", "500"];
+    scenario("origin stopped 2s", Fault::StopOrigin, &args, &["OK", "ORIGIN_FAILURE"]);
+}
+
+/// The same with --stale-if-error: every key was cached before the stop, so every answer is
+/// OK (the ones the origin could not refresh marked stale).
+#[test]
+fn ledger_origin_stopped_for_2s_with_stale_if_error() {
+    let args = ["--cache-type", "ttl", "--ttl", "1", "--origin-timeout-ms", "500", "--stale-if-error", "30"];
+    scenario("origin stopped 2s, stale-if-error", Fault::StopOrigin, &args, &["OK"]);
+}
+
+/// The load reconnects and sends its interrupted GETs again; each is answered once.
+#[test]
+fn ledger_kill_and_restart_of_the_balancer() {
+    scenario("balancer killed and restarted", Fault::RestartBalancer, &["--cache-type", "lru"], &["OK"]);
+}
