@@ -40,9 +40,9 @@ wait_up "$LB"
 
 # Mixed load: a skewed pipelined stream and a uniform one.
 "$BIN/client" --port "$LB" bench --connections 32 --pipeline 4 --duration "$SOAK_SECONDS" --warmup 0 \
-    --keys 20000 --dist zipf:0.99 --json > "$OUT/load-zipf.json" 2> /dev/null & ALL+=($!)
+    --keys 20000 --dist zipf:0.99 --json > "$OUT/load-zipf.json" 2> /dev/null & LOADS=($!); ALL+=($!)
 "$BIN/client" --port "$LB" bench --connections 16 --duration "$SOAK_SECONDS" --warmup 0 --keys 20000 \
-    --dist uniform --json > "$OUT/load-uniform.json" 2> /dev/null & ALL+=($!)
+    --dist uniform --json > "$OUT/load-uniform.json" 2> /dev/null & LOADS+=($!); ALL+=($!)
 
 sample() { # service -> "rss_kib fds"
     local pid="${PID[$1]}"
@@ -57,11 +57,15 @@ echo "t_s $(for s in "${SERVICES[@]}"; do printf '%s_rss_kib %s_fds ' "$s" "$s";
 start=$SECONDS
 victim=0
 killed_at=-1
+next_kill=30
+kills=0
 while (( SECONDS - start < SOAK_SECONDS )); do
     t=$((SECONDS - start))
-    if (( t > 0 && t % 30 == 0 && killed_at < 0 )); then
+    if (( t >= next_kill && killed_at < 0 )); then
         kill -KILL "${PID[proxy$victim]}" 2>/dev/null || true
         killed_at=$t
+        next_kill=$((next_kill + 30))
+        kills=$((kills + 1))
     fi
     if (( killed_at >= 0 && t - killed_at >= 5 )); then
         start_proxy "$victim"
@@ -73,8 +77,9 @@ while (( SECONDS - start < SOAK_SECONDS )); do
     echo "$line" >> "$OUT/samples.txt"
     sleep 5
 done
-wait "${ALL[@]: -2}" 2>/dev/null || true
+wait "${LOADS[@]}" 2>/dev/null || true
 
+echo "proxies killed (-9) and restarted: $kills"
 echo "samples (every 5 s; proxies are killed and restarted in turn, so their figures restart):"
 column -t "$OUT/samples.txt"
 echo

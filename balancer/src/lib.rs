@@ -85,8 +85,9 @@ pub fn resolve_proxies(specs: &[String]) -> io::Result<Vec<(String, SocketAddr)>
 }
 
 pub fn bind(config: BalancerConfig) -> io::Result<Server<Balancer>> {
-    if config.proxies.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "at least one proxy is needed"));
+    if config.proxies.is_empty() || config.proxies.len() > strategy::MAX_PROXIES {
+        let message = format!("between 1 and {} proxies are needed", strategy::MAX_PROXIES);
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
     }
     let server_config = config.server.clone();
     Server::bind(server_config, move |_| Ok(Balancer::new(config)))

@@ -98,6 +98,14 @@ fn every_documented_flag_is_accepted() {
 }
 
 #[test]
+fn more_proxies_than_the_balancer_can_track_are_refused_by_the_library_too() {
+    let many: Vec<std::net::SocketAddr> =
+        (0..129).map(|i| std::net::SocketAddr::from(([127, 0, 0, 1], 1000 + i))).collect();
+    assert!(balancer::bind(balancer::BalancerConfig::new(&many)).is_err());
+    assert!(balancer::bind(balancer::BalancerConfig::new(&[])).is_err());
+}
+
+#[test]
 fn bad_flags_are_errors_at_start_up() {
     for args in [
         &["--port", "0"][..],
