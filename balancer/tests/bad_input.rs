@@ -152,7 +152,8 @@ fn battery(addr: SocketAddr, role: &str) {
     // Still serving normally, with everything above still connected.
     assert_eq!(LineClient::connect(addr).unwrap().request("HEALTH").unwrap()["status"], "OK");
     let worst = prober.finish();
-    assert!(worst < Duration::from_millis(500), "{role}: a HEALTH took {worst:?} during the battery");
+    // Normal is a few ms; the margin is for a busy 2-core CI machine, far below a stalled loop.
+    assert!(worst < Duration::from_secs(1), "{role}: a HEALTH took {worst:?} during the battery");
     let rss_after = rss_kib(std::process::id()).unwrap_or(0);
     eprintln!(
         "bad input vs {role}: slowest probe {worst:?}; hog sent {sent} bytes; RSS {rss_before} -> {rss_after} KiB"

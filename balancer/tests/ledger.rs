@@ -189,7 +189,12 @@ fn worker(addr: SocketAddr, t: usize, done: Arc<AtomicUsize>) -> Ledger {
     ledger
 }
 
+/// Scenarios take turns: six clusters of real binaries at once on a 2-core machine would test
+/// the machine's patience rather than the cluster.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn scenario(name: &str, fault: Fault, proxy_args: &[&str], allowed: &[&str]) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut cluster = Cluster::start(proxy_args);
     assert!(wait_until(Duration::from_secs(10), || cluster.all_healthy()));
     let done = Arc::new(AtomicUsize::new(0));

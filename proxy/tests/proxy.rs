@@ -192,7 +192,7 @@ fn a_hundred_concurrent_misses_on_one_key_make_one_origin_fetch() {
 
 #[test]
 fn hits_are_served_within_milliseconds_while_a_fetch_is_pending() {
-    let origin = start_origin(400);
+    let origin = start_origin(1000);
     let proxy = start_proxy(ProxyConfig::new(origin.addr()));
     let mut c = LineClient::connect(proxy.addr()).unwrap();
     get(&mut c, "article/1");
@@ -202,7 +202,8 @@ fn hits_are_served_within_milliseconds_while_a_fetch_is_pending() {
     for _ in 0..20 {
         let t = Instant::now();
         assert!(hit(&get(&mut c, "article/1")));
-        assert!(t.elapsed() < Duration::from_millis(50), "hit took {:?} during a fetch", t.elapsed());
+        // Far below the origin's 1 s: the fetch does not hold the loop (the margin is for busy CI).
+        assert!(t.elapsed() < Duration::from_millis(300), "hit took {:?} during a fetch", t.elapsed());
     }
     assert_eq!(slow.recv().unwrap()["status"], "OK");
 }
