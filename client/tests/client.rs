@@ -119,3 +119,14 @@ fn bench_json_output_is_one_object_with_the_summary_fields() {
         assert!(report["latency_us"][field].is_u64(), "{report}");
     }
 }
+
+#[test]
+fn a_service_that_never_answers_is_a_client_connection_error_after_the_timeout() {
+    let silent = common::testkit::FakeServer::start(common::testkit::FakeBehavior::Silent).unwrap();
+    let started = std::time::Instant::now();
+    let (code, answer) = run_client(silent.addr().port(), &["--get", "article/1", "--timeout-ms", "300"]);
+    assert_ne!(code, Some(0));
+    assert_eq!(answer["status"], "CLIENT_CONNECTION_ERROR", "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(answer["latency_ms"].as_f64().unwrap() >= 290.0, "{answer}");
+}

@@ -33,6 +33,33 @@ pub fn next_frame(buf: &[u8], max_line: usize) -> Frame<'_> {
     }
 }
 
+/// The lines of `input` when it arrives in pieces of the sizes `piece` gives, carried over
+/// between pieces the way the services carry partial lines; and whether a too-long line ended
+/// it. For tests and fuzzing: any way of cutting the input must give the same lines.
+pub fn lines_in_pieces(input: &[u8], mut piece: impl FnMut() -> usize, max_line: usize) -> (Vec<Vec<u8>>, bool) {
+    let mut carry: Vec<u8> = Vec::new();
+    let mut lines = Vec::new();
+    let mut rest = input;
+    while !rest.is_empty() {
+        let n = piece().clamp(1, rest.len());
+        carry.extend_from_slice(&rest[..n]);
+        rest = &rest[n..];
+        let mut used = 0;
+        loop {
+            match next_frame(&carry[used..], max_line) {
+                Frame::Line(line, n) => {
+                    lines.push(line.to_vec());
+                    used += n;
+                }
+                Frame::Incomplete => break,
+                Frame::TooLong => return (lines, true),
+            }
+        }
+        carry.drain(..used);
+    }
+    (lines, false)
+}
+
 /// Reads once into `buf`, retrying on `EINTR`. `Ok(0)` is end of stream.
 pub fn read_once<R: Read>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     loop {
@@ -114,27 +141,8 @@ impl OutBuf {
 mod tests {
     use super::*;
 
-    /// Splits `input` delivered in chunks of `chunk` bytes through the same carry logic the
-    /// services use, returning the lines and whether the stream hit a too-long line.
     fn split_in_chunks(input: &[u8], chunk: usize, max_line: usize) -> (Vec<Vec<u8>>, bool) {
-        let mut carry: Vec<u8> = Vec::new();
-        let mut lines = Vec::new();
-        for piece in input.chunks(chunk) {
-            carry.extend_from_slice(piece);
-            let mut used = 0;
-            loop {
-                match next_frame(&carry[used..], max_line) {
-                    Frame::Line(line, n) => {
-                        lines.push(line.to_vec());
-                        used += n;
-                    }
-                    Frame::Incomplete => break,
-                    Frame::TooLong => return (lines, true),
-                }
-            }
-            carry.drain(..used);
-        }
-        (lines, false)
+        lines_in_pieces(input, || chunk, max_line)
     }
 
     #[test]
