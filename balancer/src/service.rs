@@ -7,7 +7,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::time::Instant;
 
 use common::framing::Frame;
-use common::metrics::{ratio, LatencyHistogram, LatencySummary};
+use common::metrics::{ratio, CommonMetrics, LatencyHistogram, LatencySummary};
 use common::protocol::{encode_ok_value, parse_request, write_text_request, Id, Op, Reply, Status};
 use common::server::{peer_index, peer_token, ClientId, Ctx, Service, Ticket};
 use common::timers::TimerKey;
@@ -724,16 +724,12 @@ impl Balancer {
         }
         cluster.hit_rate = ratio(cluster.hits, cluster.misses);
         MetricsData {
-            role: "balancer",
+            common: ctx.common_metrics("balancer"),
             strategy: core.router.kind().name(),
             current_index: core.counters.routed,
-            start_time: ctx.started().rfc3339(),
-            uptime_s: ctx.started().uptime_s(ctx.now()),
-            total_requests: ctx.total_requests() + 1,
             errors: core.counters.errors,
             retries: core.counters.retries,
             collapsed: core.counters.collapsed,
-            connections: ctx.connections(),
             in_flight: core.pendings.len(),
             latency_us: core.latency_us.summary(),
             proxies,
@@ -798,17 +794,14 @@ struct ClusterData {
 
 #[derive(Serialize)]
 struct MetricsData<'a> {
-    role: &'static str,
+    #[serde(flatten)]
+    common: CommonMetrics,
     strategy: &'static str,
     current_index: u64,
-    start_time: String,
-    uptime_s: u64,
-    total_requests: u64,
     errors: u64,
     retries: u64,
     /// GETs that joined an identical GET already in flight instead of going upstream.
     collapsed: u64,
-    connections: usize,
     in_flight: usize,
     latency_us: LatencySummary,
     proxies: BTreeMap<&'a str, ProxyData<'a>>,

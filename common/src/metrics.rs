@@ -147,6 +147,19 @@ impl LatencyHistogram {
     }
 }
 
+/// The METRICS fields every service reports, with the counting rules of SPEC 2.4 applied once
+/// (see `Ctx::common_metrics`). Services flatten it into their own METRICS data.
+#[derive(Clone, Debug, Serialize)]
+pub struct CommonMetrics {
+    pub role: &'static str,
+    pub start_time: String,
+    pub uptime_s: u64,
+    /// Every answered request line, malformed ones and the METRICS being answered included.
+    pub total_requests: u64,
+    /// Client connections open now (not connections to other tiers).
+    pub connections: usize,
+}
+
 /// The `data` of a HEALTH answer (SPEC 2.5).
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct HealthData {

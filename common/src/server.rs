@@ -28,7 +28,7 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 
 use crate::framing::{next_frame, read_once, Frame, OutBuf};
-use crate::metrics::{HealthData, StartTime};
+use crate::metrics::{CommonMetrics, HealthData, StartTime};
 use crate::protocol::{encode_ok_value, Id, Reply, RequestError, Status};
 use crate::timers::{TimerKey, TimerQueue};
 
@@ -284,6 +284,18 @@ impl<T> Ctx<T> {
             encode(c.out.buf_mut());
         }
         self.mark_dirty(index);
+    }
+
+    /// The METRICS fields every service shares. The METRICS request being answered counts in
+    /// `total_requests` too.
+    pub fn common_metrics(&self, role: &'static str) -> CommonMetrics {
+        CommonMetrics {
+            role,
+            start_time: self.started.rfc3339(),
+            uptime_s: self.started.uptime_s(self.now),
+            total_requests: self.total_requests + 1,
+            connections: self.clients.len(),
+        }
     }
 
     /// Answers `OK` now with `data` serialized as the answer's `data` (METRICS, PURGE, ...).

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use common::metrics::{LatencyHistogram, LatencySummary};
+use common::metrics::{CommonMetrics, LatencyHistogram, LatencySummary};
 use common::protocol::{parse_request, Data, Id, Op, Reply, Status};
 use common::server::{ClientId, Ctx, Service, Ticket};
 use serde::Serialize;
@@ -38,14 +38,11 @@ pub struct Origin {
 
 #[derive(Serialize)]
 struct MetricsData<'a> {
-    role: &'static str,
-    start_time: String,
-    uptime_s: u64,
-    total_requests: u64,
+    #[serde(flatten)]
+    common: CommonMetrics,
     ok: u64,
     not_found: u64,
     errors: u64,
-    connections: usize,
     /// GETs waiting out `--latency-ms` now.
     pending: usize,
     latency_ms: u64,
@@ -89,15 +86,10 @@ impl Origin {
 
     fn metrics<T>(&self, ctx: &Ctx<T>) -> MetricsData<'_> {
         MetricsData {
-            role: "origin",
-            start_time: ctx.started().rfc3339(),
-            uptime_s: ctx.started().uptime_s(ctx.now()),
-            // This METRICS answer counts too.
-            total_requests: ctx.total_requests() + 1,
+            common: ctx.common_metrics("origin"),
             ok: self.counters.ok,
             not_found: self.counters.not_found,
             errors: self.counters.errors,
-            connections: ctx.connections(),
             pending: self.delayed,
             latency_ms: self.latency.as_millis() as u64,
             data_dir: self.store.data_dir().to_str().unwrap_or("?"),

@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
-use common::metrics::{ratio, LatencyHistogram, LatencySummary};
+use common::metrics::{ratio, CommonMetrics, LatencyHistogram, LatencySummary};
 use common::protocol::{parse_request, Data, Id, Op, Reply, Status};
 use common::server::{peer_index, ClientId, Ctx, Service, Ticket};
 use log::debug;
@@ -207,11 +207,8 @@ impl Proxy {
         let stats = core.cache.stats();
         let config = core.cache.config();
         MetricsData {
-            role: "proxy",
+            common: ctx.common_metrics("proxy"),
             node: core.node,
-            start_time: ctx.started().rfc3339(),
-            uptime_s: ctx.started().uptime_s(ctx.now()),
-            total_requests: ctx.total_requests() + 1,
             hits: c.hits,
             misses: c.misses,
             hit_rate: ratio(c.hits, c.misses),
@@ -228,7 +225,6 @@ impl Proxy {
             evictions: stats.evictions,
             expirations: stats.expirations,
             purges: stats.purges,
-            connections: ctx.connections(),
             fetches_running: core.fetches.running(),
             fetches_queued: core.fetches.queued(),
             waiting_on_origin: core.fetches.waiting(),
@@ -328,11 +324,9 @@ fn classify(line: &[u8]) -> Outcome<'_> {
 
 #[derive(Serialize)]
 struct MetricsData {
-    role: &'static str,
+    #[serde(flatten)]
+    common: CommonMetrics,
     node: u16,
-    start_time: String,
-    uptime_s: u64,
-    total_requests: u64,
     hits: u64,
     misses: u64,
     hit_rate: f64,
@@ -349,7 +343,6 @@ struct MetricsData {
     evictions: u64,
     expirations: u64,
     purges: u64,
-    connections: usize,
     fetches_running: usize,
     fetches_queued: usize,
     waiting_on_origin: usize,
