@@ -120,3 +120,23 @@ fn bad_flags_are_errors_at_start_up() {
         assert!(!out.stderr.is_empty(), "{args:?}: no message");
     }
 }
+
+#[test]
+fn sigterm_answers_the_requests_in_flight_upstream_then_exits_zero() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../origin/data");
+    let mut origin_config = origin::OriginConfig::new(data);
+    origin_config.latency = std::time::Duration::from_millis(500);
+    let origin = RunningServer::start(origin::bind(origin_config).unwrap());
+    let proxy = RunningServer::start(proxy::bind(proxy::ProxyConfig::new(origin.addr())).unwrap());
+    let upstream = proxy.addr().to_string();
+    let mut balancer =
+        ChildService::spawn(BALANCER, &["--port", "0", "--proxies", &upstream, "--log-level", "warn"]).unwrap();
+    let addr = balancer.addr();
+    let mut c = common::testkit::LineClient::connect(addr).unwrap();
+    c.send("GET article/3").unwrap();
+    assert!(common::testkit::wait_until(std::time::Duration::from_secs(5), || metrics(addr).unwrap()["in_flight"] == 1));
+    balancer.signal("TERM").unwrap();
+    let answer = c.recv().unwrap();
+    assert_eq!((answer["status"].as_str(), &answer["data"]["id"]), (Some("OK"), &serde_json::json!(3)));
+    assert_eq!(balancer.wait_exit(std::time::Duration::from_secs(5)).unwrap(), Some(0));
+}
