@@ -72,17 +72,24 @@ pub fn write_tagged(answer: &Tagged<'_>, client_id: Option<&str>, out: &mut Vec<
     }
 }
 
-/// Writes an untagged answer (from a text-form request) with the client's id added. `None`
-/// if the line is not a JSON object.
-pub fn write_untagged(line: &[u8], client_id: Option<&str>, out: &mut Vec<u8>) -> Option<()> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(line).ok()?;
+/// Checks that an untagged answer (from a text-form request) is one JSON object, and returns
+/// it without its closing brace, ready for [`close_object`] to add a client's id. `None` for
+/// anything else.
+pub fn untagged_body(line: &[u8]) -> Option<&[u8]> {
     let body = line.strip_suffix(b"}").filter(|b| b.starts_with(b"{"))?;
-    close_object(body, client_id, out);
+    serde_json::from_slice::<serde::de::IgnoredAny>(line).ok()?;
+    Some(body)
+}
+
+/// Writes an untagged answer with the client's id added. `None` if the line is not a JSON
+/// object.
+pub fn write_untagged(line: &[u8], client_id: Option<&str>, out: &mut Vec<u8>) -> Option<()> {
+    close_object(untagged_body(line)?, client_id, out);
     Some(())
 }
 
 /// `body` is an object missing its closing brace.
-fn close_object(body: &[u8], client_id: Option<&str>, out: &mut Vec<u8>) {
+pub fn close_object(body: &[u8], client_id: Option<&str>, out: &mut Vec<u8>) {
     out.extend_from_slice(body);
     if let Some(raw) = client_id {
         out.extend_from_slice(ID_MEMBER);

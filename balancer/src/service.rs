@@ -21,7 +21,7 @@ use slab::Slab;
 
 use crate::backend::Backend;
 use crate::health::Transition;
-use crate::relay::{parse_tagged, write_tagged, write_untagged};
+use crate::relay::{close_object, parse_tagged, untagged_body, write_tagged};
 use crate::strategy::{Candidate, Router};
 use crate::BalancerConfig;
 
@@ -513,14 +513,13 @@ impl Balancer {
                     }
                     None => false,
                 },
-                ConnKind::Single => match c.waiting.take() {
-                    Some(id) if is_json_object(line) => {
-                        let _ = self.core.succeed(ctx, id, |out, client_id| {
-                            let _ = write_untagged(line, client_id, out);
-                        });
+                // Checked once; each waiter (collapsed followers too) then gets a copy.
+                ConnKind::Single => match (c.waiting.take(), untagged_body(line)) {
+                    (Some(id), Some(body)) => {
+                        let _ = self.core.succeed(ctx, id, |out, client_id| close_object(body, client_id, out));
                         true
                     }
-                    waiting => {
+                    (waiting, _) => {
                         c.waiting = waiting;
                         false
                     }
@@ -736,11 +735,6 @@ impl Balancer {
             cluster,
         }
     }
-}
-
-/// Whether a line is one JSON object (what an answer from a text-form peer must be).
-fn is_json_object(line: &[u8]) -> bool {
-    line.first() == Some(&b'{') && serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok()
 }
 
 fn log_transition(b: &Backend, transition: Option<Transition>, why: &str) {

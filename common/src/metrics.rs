@@ -99,10 +99,6 @@ impl LatencyHistogram {
         self.hist.saturating_record(us);
     }
 
-    pub fn record_us(&mut self, us: u64) {
-        self.hist.saturating_record(us.clamp(1, HIGHEST_US));
-    }
-
     pub fn len(&self) -> u64 {
         self.hist.len()
     }
@@ -134,12 +130,6 @@ impl LatencyHistogram {
             p99: self.quantile_us(0.99),
             max: self.max_us(),
         }
-    }
-
-    /// Adds another histogram's samples (used by multi-threaded load generators).
-    pub fn merge(&mut self, other: &LatencyHistogram) {
-        // Both histograms have the same bounds, so adding cannot fail.
-        let _ = self.hist.add(&other.hist);
     }
 
     pub fn clear(&mut self) {

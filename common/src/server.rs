@@ -233,24 +233,6 @@ impl<T> Ctx<T> {
         &self.config
     }
 
-    pub fn started(&self) -> &StartTime {
-        &self.started
-    }
-
-    /// Request lines answered so far, malformed ones included.
-    pub fn total_requests(&self) -> u64 {
-        self.total_requests
-    }
-
-    /// Client connections open now.
-    pub fn connections(&self) -> usize {
-        self.clients.len()
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining
-    }
-
     pub fn is_connected(&self, client: ClientId) -> bool {
         self.live_index(client).is_some()
     }
@@ -524,10 +506,6 @@ impl<S: Service> Server<S> {
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
-    }
-
-    pub fn service(&self) -> &S {
-        &self.service
     }
 
     /// Runs the loop until a drain completes. Returns an error only if polling itself fails.

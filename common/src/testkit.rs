@@ -99,10 +99,6 @@ impl LineClient {
             }
         }
     }
-
-    pub fn stream(&self) -> &TcpStream {
-        &self.writer
-    }
 }
 
 /// Asks `addr` for METRICS over a fresh connection and returns `data`.

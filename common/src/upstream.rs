@@ -78,11 +78,6 @@ impl Upstream {
         self.received
     }
 
-    /// Unwritten request bytes.
-    pub fn pending_output(&self) -> usize {
-        self.out.pending()
-    }
-
     /// Queues `bytes` and writes what the socket takes now (nothing until connected).
     pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.out.extend(bytes);

@@ -154,13 +154,7 @@ pub fn write_synthetic(out: &mut Vec<u8>, n: u64, value_bytes: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("origin-store-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
+    use common::testkit::temp_dir;
 
     fn lookup(store: &Store, key: &str) -> (Lookup, String) {
         let mut out = b"prefix".to_vec();

@@ -47,12 +47,7 @@ const LOOKUPS: usize = 10_000_000;
 const INSERTS: usize = 3_000_000;
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    common::testkit::rss_kib(std::process::id()).unwrap_or(0)
 }
 
 fn main() {

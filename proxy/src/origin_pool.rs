@@ -32,7 +32,6 @@ struct Busy {
 struct OriginConn {
     up: Upstream,
     busy: Option<Busy>,
-    served: u64,
 }
 
 /// What a readiness event on an origin connection amounts to.
@@ -111,7 +110,7 @@ impl OriginPool {
                 let entry = self.conns.vacant_entry();
                 let index = entry.key();
                 let up = Upstream::connect(self.addr, registry, peer_token(index))?;
-                entry.insert(OriginConn { up, busy: None, served: 0 });
+                entry.insert(OriginConn { up, busy: None });
                 self.connects += 1;
                 (index, false)
             }
@@ -169,7 +168,6 @@ impl OriginPool {
             conn.up.consume(n);
         }
         conn.busy = None;
-        conn.served += 1;
         if conn.up.is_eof() || conn.up.buffered() > 0 || self.idle.len() >= self.max_idle {
             self.close(index, registry);
         } else {

@@ -55,11 +55,6 @@ impl KeyIndex {
         self.len
     }
 
-    /// Bytes held by the bucket array.
-    pub fn heap_bytes(&self) -> usize {
-        self.buckets.capacity() * std::mem::size_of::<u64>()
-    }
-
     fn mask(&self) -> usize {
         self.buckets.len() - 1
     }

@@ -354,20 +354,6 @@ impl Cache {
         }
         self.lanes[lane].tail = slot;
     }
-
-    /// Heap bytes spent on bookkeeping (slab slots and index buckets), for the memory benchmark.
-    pub fn overhead_bytes(&self) -> usize {
-        self.entries.0.capacity() * std::mem::size_of::<slab_entry_size::Probe>() + self.index.heap_bytes()
-    }
-}
-
-mod slab_entry_size {
-    /// Same size as one slot of `Slab<Entry>`: an enum of a vacant link or the entry.
-    #[allow(dead_code)]
-    pub enum Probe {
-        Vacant(usize),
-        Occupied(super::Entry),
-    }
 }
 
 #[cfg(test)]
