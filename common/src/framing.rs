@@ -6,6 +6,11 @@
 
 use std::io::{self, Read, Write};
 
+/// Immutable bytes that several answers may share instead of copying (a cached value, the
+/// body of an answer relayed to collapsed followers). Shared bytes count once per connection
+/// toward its output bound (SPEC 3.8).
+pub type SharedBytes = std::sync::Arc<[u8]>;
+
 /// What the front of an input buffer holds.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<'a> {

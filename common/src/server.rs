@@ -27,7 +27,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 
-use crate::framing::{next_frame, read_once, Frame, OutBuf};
+use crate::framing::{next_frame, read_once, Frame, OutBuf, SharedBytes};
 use crate::metrics::{CommonMetrics, HealthData, StartTime};
 use crate::protocol::{encode_ok_value, Id, Reply, RequestError, Status};
 use crate::timers::{TimerKey, TimerQueue};
@@ -268,6 +268,18 @@ impl<T> Ctx<T> {
         self.mark_dirty(index);
     }
 
+    /// Answers a request now with `head`, the shared `body`, then `tail` (the answer line is
+    /// their concatenation, `tail` ending in `\n`). The shared bytes are not copied per answer.
+    pub fn reply_shared(&mut self, client: ClientId, ordered: bool, head: &[u8], body: &SharedBytes, tail: &[u8]) {
+        self.reply(client, ordered, |out| concat_parts(out, head, body, tail));
+    }
+
+    /// Keeps a promise with an answer made of `head`, the shared `body`, then `tail` (see
+    /// [`Ctx::reply_shared`]). Returns false when the client has gone.
+    pub fn complete_shared(&mut self, ticket: Ticket, head: &[u8], body: &SharedBytes, tail: &[u8]) -> bool {
+        self.complete(ticket, |out| concat_parts(out, head, body, tail))
+    }
+
     /// The METRICS fields every service shares. The METRICS request being answered counts in
     /// `total_requests` too.
     pub fn common_metrics(&self, role: &'static str) -> CommonMetrics {
@@ -362,6 +374,12 @@ impl<T> Ctx<T> {
             self.dirty.push(index);
         }
     }
+}
+
+fn concat_parts(out: &mut Vec<u8>, head: &[u8], body: &[u8], tail: &[u8]) {
+    out.extend_from_slice(head);
+    out.extend_from_slice(body);
+    out.extend_from_slice(tail);
 }
 
 /// Keeps a few answer buffers for reuse, dropping big ones so that memory is returned.
