@@ -2,6 +2,7 @@
 //! the `client bench` load generator.
 
 pub mod bench;
+pub mod top;
 
 use std::time::{Duration, Instant};
 

@@ -44,6 +44,19 @@ struct Cli {
 enum Command {
     /// Closed-loop load: each connection keeps --pipeline GETs outstanding.
     Bench(BenchArgs),
+    /// Live view of the cluster from the balancer's METRICS (q quits); --once prints one snapshot.
+    Top(TopArgs),
+}
+
+#[derive(Args, Debug)]
+struct TopArgs {
+    /// Time between refreshes (with --once: between its two samples).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
+    interval_ms: u64,
+
+    /// Print one plain-text snapshot (rates over one interval) and exit.
+    #[arg(long)]
+    once: bool,
 }
 
 #[derive(Args, Debug)]
@@ -96,6 +109,9 @@ fn main() -> ExitCode {
     if let Some(Command::Bench(args)) = &cli.command {
         return run_bench(&cli, args);
     }
+    if let Some(Command::Top(args)) = &cli.command {
+        return run_top(&cli, args);
+    }
     let line = match (&cli.get, cli.metrics, &cli.purge, cli.health) {
         (Some(key), ..) => format!("GET {key}"),
         (_, true, ..) => "METRICS".to_owned(),
@@ -112,6 +128,27 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+fn run_top(cli: &Cli, args: &TopArgs) -> ExitCode {
+    let config = client::top::TopConfig {
+        host: cli.host.clone(),
+        port: cli.port,
+        interval: Duration::from_millis(args.interval_ms),
+        timeout: Duration::from_millis(cli.timeout_ms),
+    };
+    let result = if args.once {
+        client::top::once(&config).map(|snapshot| print!("{snapshot}")).map_err(|e| e.to_string())
+    } else {
+        client::top::live(&config).map_err(|e| e.to_string())
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("client top: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
