@@ -1,3 +1,4 @@
+use std::io::Write as _;
 use std::net::ToSocketAddrs;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -139,7 +140,11 @@ fn run_top(cli: &Cli, args: &TopArgs) -> ExitCode {
         timeout: Duration::from_millis(cli.timeout_ms),
     };
     let result = if args.once {
-        client::top::once(&config).map(|snapshot| print!("{snapshot}")).map_err(|e| e.to_string())
+        client::top::once(&config).map_err(|e| e.to_string()).and_then(|snapshot| {
+            // Written, not print!ed: a closed pipe (`| head -1`) is an error, not a panic.
+            let mut out = std::io::stdout().lock();
+            out.write_all(snapshot.as_bytes()).and_then(|()| out.flush()).map_err(|e| format!("stdout: {e}"))
+        })
     } else {
         client::top::live(&config).map_err(|e| e.to_string())
     };
