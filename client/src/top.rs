@@ -12,7 +12,7 @@ pub mod text;
 pub mod ui;
 pub mod view;
 
-use std::io::{self, stdout};
+use std::io::{self, stdout, IsTerminal};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -56,6 +56,8 @@ pub fn once(config: &TopConfig) -> Result<String, FetchError> {
 pub enum TopError {
     /// The first sample failed: nothing to show, the terminal untouched.
     Fetch(FetchError),
+    /// Live mode needs a terminal (`--once` does not).
+    NotATerminal,
     Terminal(io::Error),
 }
 
@@ -63,6 +65,7 @@ impl std::fmt::Display for TopError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             TopError::Fetch(e) => write!(f, "{e}"),
+            TopError::NotATerminal => write!(f, "stdout is not a terminal (use --once for a plain snapshot)"),
             TopError::Terminal(e) => write!(f, "terminal: {e}"),
         }
     }
@@ -71,6 +74,9 @@ impl std::fmt::Display for TopError {
 /// The live view, until `q`, Esc, Ctrl-C, SIGINT, SIGTERM or SIGHUP. The terminal is put back
 /// as it was on every way out, errors and panics included.
 pub fn live(config: &TopConfig) -> Result<(), TopError> {
+    if !stdout().is_terminal() {
+        return Err(TopError::NotATerminal);
+    }
     let mut source = MetricsSource::new(&config.host, config.port, config.timeout);
     // Check the address before taking over the terminal, so a typo is a plain message.
     let first = source.sample().map_err(TopError::Fetch)?;

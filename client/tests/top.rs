@@ -135,11 +135,47 @@ fn once_fails_with_a_clear_message_when_there_is_no_balancer_to_read() {
     let message = String::from_utf8_lossy(&at_a_proxy.stderr);
     assert!(message.contains("did not answer with balancer METRICS: role proxy"), "{message}");
 
+    let live_into_a_pipe = Command::new(CLIENT).args(["--port", &cluster.port(), "top"]).output().unwrap();
+    assert!(!live_into_a_pipe.status.success() && live_into_a_pipe.stdout.is_empty());
+    let message = String::from_utf8_lossy(&live_into_a_pipe.stderr);
+    assert!(message.contains("not a terminal (use --once"), "{message}");
+
     let garbage = FakeServer::start(FakeBehavior::Reply("<html>".into())).unwrap();
     let out = top_once(&garbage.addr().port().to_string());
     assert!(!out.status.success() && out.stdout.is_empty());
     let message = String::from_utf8_lossy(&out.stderr);
     assert!(message.contains("did not answer with balancer METRICS: not JSON"), "{message}");
+}
+
+#[test]
+fn once_lists_thousands_of_proxies_from_a_hostile_balancer_without_failing() {
+    // Well-formed enough to be a balancer's METRICS, otherwise anything: missing, wrong-typed
+    // and huge values, terminal escapes in names, 5,000 proxies.
+    let mut proxies = serde_json::Map::new();
+    for i in 0..5000 {
+        let entry = match i % 4 {
+            0 => {
+                serde_json::json!({"healthy": true, "in_flight": u64::MAX, "forwarded": i, "metrics": {"hits": 1e300}})
+            }
+            1 => serde_json::json!({"healthy": "yes", "in_flight": -1, "metrics": "none"}),
+            2 => serde_json::json!(null),
+            _ => serde_json::json!({"healthy": false, "forwarded": u64::MAX, "metrics": {"hits": 3, "misses": 1}}),
+        };
+        proxies.insert(format!("10.1.{}.{}:80\u{1b}[2J", i / 256, i % 256), entry);
+    }
+    let answer = serde_json::json!({"status": "OK", "data": {
+        "role": "balancer", "total_requests": "lots", "errors": -5, "latency_us": [1, 2], "proxies": proxies,
+    }});
+    let fake = FakeServer::start(FakeBehavior::Reply(answer.to_string())).unwrap();
+    let out = top_once(&fake.addr().port().to_string());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains('\u{1b}'), "a name's escape reached the output");
+    assert!(text.lines().nth(1).unwrap().contains("errors -  proxies 1250/5000 UP"), "{}", &text[..500]);
+    let rows = text.lines().filter(|l| l.starts_with("10.1.")).count();
+    assert_eq!(rows, 5000);
+    assert_eq!(health_of(&text, "10.1.0.3:80?[2J").as_deref(), Some("DOWN"));
+    assert_eq!(health_of(&text, "10.1.0.1:80?[2J").as_deref(), Some("?"));
 }
 
 /// A private tmux server (its own socket) with one detached session of a fixed size running a
