@@ -90,7 +90,23 @@ fn once_prints_every_proxy_up_and_the_cluster_totals_as_plain_text() {
             + metrics(cluster.balancer.addr()).unwrap()["cluster"]["misses"].as_u64().unwrap_or(0)
             >= 60
     }));
+    // GETs keep flowing while top samples, so its rates have something to measure.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, addr) = (stop.clone(), cluster.balancer.addr());
+        std::thread::spawn(move || {
+            let mut c = LineClient::connect(addr).unwrap();
+            let mut sent = 0;
+            while !stop.load(Ordering::SeqCst) && sent < 50_000 {
+                assert_eq!(c.request(&format!("GET synthetic/{}", sent % 10)).unwrap()["status"], "OK");
+                sent += 1;
+            }
+            sent
+        })
+    };
     let out = top_once(&cluster.port());
+    stop.store(true, Ordering::SeqCst);
+    let sent = load.join().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(!text.contains('\u{1b}'), "terminal control codes in --once output: {text:?}");
@@ -118,8 +134,16 @@ fn once_prints_every_proxy_up_and_the_cluster_totals_as_plain_text() {
         assert_eq!(cells[1], "UP", "{line}");
         assert!(cells[4].ends_with('%') && cells[5].ends_with('s'), "{line}");
     }
-    let total = row(&text, "total").unwrap();
-    assert!(total.split_whitespace().nth(1) == Some("3/3"), "{text}");
+    let total: Vec<&str> = row(&text, "total").unwrap().split_whitespace().collect();
+    assert_eq!(total[1], "3/3", "{text}");
+    // Rates: the balancer's and the proxies' forwarded ones, measured while the load ran (one
+    // GET may be forwarded and not yet answered at either sample: the slack).
+    let balancer_rate: f64 = totals.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let forwarded_rate: f64 = total[3].parse().unwrap();
+    assert!(
+        balancer_rate > 0.0 && forwarded_rate > 0.0 && forwarded_rate <= balancer_rate + 20.0,
+        "{sent} GETs: {text}"
+    );
 }
 
 #[test]
