@@ -135,6 +135,24 @@ impl LatencyHistogram {
     pub fn clear(&mut self) {
         self.hist.reset();
     }
+
+    /// Calls `f(value_us, count)` for every recorded value (its highest equivalent value at
+    /// the histogram's precision), lowest first: for exporting buckets (SPEC 6).
+    pub fn for_each_value(&self, mut f: impl FnMut(u64, u64)) {
+        for v in self.hist.iter_recorded() {
+            f(v.value_iterated_to(), v.count_at_value());
+        }
+    }
+
+    /// The `q` quantile of what was recorded since `earlier` (an older copy of this
+    /// histogram), for per-interval percentiles; 0 when nothing was.
+    pub fn quantile_since_us(&self, earlier: &LatencyHistogram, qs: &[f64]) -> Vec<u64> {
+        let mut delta = self.hist.clone();
+        if delta.subtract(&earlier.hist).is_err() || delta.is_empty() {
+            return vec![0; qs.len()];
+        }
+        qs.iter().map(|q| delta.value_at_quantile(*q)).collect()
+    }
 }
 
 /// The METRICS fields every service reports, with the counting rules of SPEC 2.4 applied once
@@ -148,6 +166,8 @@ pub struct CommonMetrics {
     pub total_requests: u64,
     /// Client connections open now (not connections to other tiers).
     pub connections: usize,
+    /// Access log lines lost to failed writes (SPEC 6).
+    pub access_log_dropped: u64,
 }
 
 /// The `data` of a HEALTH answer (SPEC 2.5).
