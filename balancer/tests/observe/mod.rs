@@ -197,7 +197,7 @@ pub fn http_raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<Http> {
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<Http> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())?;
+    stream.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
     let response = read_response_to(&mut stream, method != "HEAD")?;
     if method == "HEAD" {
         // Nothing may follow the head.
