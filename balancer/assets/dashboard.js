@@ -63,13 +63,22 @@ function drawChart(fig, series, opts) {
   if (max === undefined) {
     let top = 0;
     for (const s of series) for (const [, v] of s.points) if (v !== null && v > top) top = v;
-    max = niceMax(top * 1.1);
+    max = opts.log ? Math.pow(10, Math.ceil(Math.log10(Math.max(top, opts.min * 10)))) : niceMax(top * 1.1);
   }
   const x = (t) => L + ((t - t0) / WINDOW_MS) * (W - L - R);
-  const y = (v) => T + (1 - v / max) * (H - T - B);
+  // Linear from 0, or (opts.log) logarithmic from opts.min: latency spans decades.
+  const lo = opts.log ? Math.log10(opts.min) : 0;
+  const hi = opts.log ? Math.max(Math.log10(max), lo + 1) : max;
+  const scale = (v) => (opts.log ? Math.log10(Math.max(v, opts.min)) : v);
+  const y = (v) => T + (1 - (scale(v) - lo) / (hi - lo)) * (H - T - B);
+  let ticks = [];
+  if (opts.log) {
+    for (let d = Math.ceil(lo); d <= Math.floor(hi); d++) ticks.push(Math.pow(10, d));
+  } else {
+    for (let i = 0; i <= 4; i++) ticks.push((max * i) / 4);
+  }
   let svg = `<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="${esc(opts.label)}">`;
-  for (let i = 0; i <= 4; i++) {
-    const v = (max * i) / 4;
+  for (const v of ticks) {
     svg += `<line class="grid" x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}"/>`;
     svg += `<text x="${L - 6}" y="${y(v) + 3}" text-anchor="end">${esc(opts.fmt(v))}</text>`;
   }
@@ -168,7 +177,7 @@ function render(cluster, history) {
       { name: 'p50', color: COLORS.a, points: pts((s) => (s.p50_us ? s.p50_us : null)) },
       { name: 'p99', color: COLORS.b, points: pts((s) => (s.p99_us ? s.p99_us : null)) },
     ],
-    { now, label: 'GET latency', fmt: fmtUs },
+    { now, label: 'GET latency', fmt: fmtUs, log: true, min: 10 },
   );
 
   // A one-line summary in the title: what a tab shows, and what a test can read.

@@ -165,3 +165,14 @@ fn binaries_announce_their_admin_listener() {
     assert_eq!(get(admin, "/healthz").text(), "ok");
     assert!(get(admin, "/metrics").text().contains("cachetier_origin_answers_total"));
 }
+
+/// The sample configuration the README points to is one Prometheus accepts.
+#[test]
+fn the_sample_prometheus_config_is_valid() {
+    if !tool_or_skip("promtool") {
+        return;
+    }
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/prometheus.yml");
+    let out = Command::new("promtool").args(["check", "config"]).arg(&config).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}

@@ -13,15 +13,15 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use log::warn;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use slab::Slab;
 
 use crate::metrics::format_rfc3339;
-use crate::protocol::{parse_request, Op};
+use crate::protocol::{parse_request, write_json_string, Op};
 
 /// Buffered bytes at which the buffer is written out before the next tick.
 const FLUSH_AT: usize = 64 * 1024;
@@ -73,6 +73,12 @@ pub struct AccessLog {
     /// The request being dispatched now (answers given during `on_line` belong to it).
     current: Option<Note>,
     deferred: Slab<Note>,
+    /// `ts` of the last line and the millisecond it is for: lines of the same millisecond
+    /// share one formatting.
+    ts: String,
+    ts_ms: u128,
+    /// Where a deferred answer is encoded before it is logged and given (reused).
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for AccessLog {
@@ -106,23 +112,6 @@ struct AnswerFields<'a> {
     id: Option<&'a RawValue>,
 }
 
-#[derive(Serialize)]
-struct Line<'a> {
-    ts: String,
-    client: String,
-    op: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<&'a str>,
-    status: &'a str,
-    latency_us: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cache_hit: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    node: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a RawValue>,
-}
-
 impl AccessLog {
     /// Opens the target; an unwritable path is an error (at start-up, SPEC 6).
     pub fn open(target: Target) -> io::Result<AccessLog> {
@@ -135,6 +124,9 @@ impl AccessLog {
             dropped: 0,
             current: None,
             deferred: Slab::new(),
+            ts: String::new(),
+            ts_ms: u128::MAX,
+            scratch: Vec::new(),
         })
     }
 
@@ -179,6 +171,19 @@ impl AccessLog {
         u32::try_from(self.deferred.insert(copy)).ok().map(NoteId)
     }
 
+    /// A buffer to encode a deferred answer in; give it back with [`AccessLog::put_scratch`].
+    pub fn take_scratch(&mut self) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        buf
+    }
+
+    pub fn put_scratch(&mut self, buf: Vec<u8>) {
+        if buf.capacity() <= 64 * 1024 {
+            self.scratch = buf;
+        }
+    }
+
     /// Logs an answer given now to the current request (or to none: a line too long).
     pub fn answered_now(&mut self, client: SocketAddr, answer: &[u8]) {
         let note = self.current.take();
@@ -196,23 +201,43 @@ impl AccessLog {
 
     fn write_line(&mut self, note: Option<&Note>, client: SocketAddr, answer: &[u8]) {
         let line = answer.strip_suffix(b"\n").unwrap_or(answer);
+        // `data` is skipped by the parser, not built.
         let fields = serde_json::from_slice::<AnswerFields>(line).ok();
         let latency_us = note.map_or(0, |n| u64::try_from(n.received.elapsed().as_micros()).unwrap_or(u64::MAX));
-        let entry = Line {
-            ts: format_rfc3339(SystemTime::now()),
-            client: client.to_string(),
-            op: note.map_or("invalid", |n| n.op),
-            key: note.and_then(|n| n.key.as_deref()),
-            status: fields.as_ref().map_or("?", |f| f.status),
-            latency_us,
-            cache_hit: fields.as_ref().and_then(|f| f.cache_hit),
-            node: fields.as_ref().and_then(|f| f.node),
-            id: fields.as_ref().and_then(|f| f.id),
-        };
-        if serde_json::to_writer(&mut self.buf, &entry).is_ok() {
-            self.buf.push(b'\n');
-            self.lines += 1;
+        let now = SystemTime::now();
+        let ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        if ms != self.ts_ms {
+            self.ts = format_rfc3339(now);
+            self.ts_ms = ms;
         }
+        let out = &mut self.buf;
+        out.extend_from_slice(b"{\"ts\":\"");
+        out.extend_from_slice(self.ts.as_bytes());
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "\",\"client\":\"{client}\",\"op\":\"{}\"", note.map_or("invalid", |n| n.op));
+        if let Some(key) = note.and_then(|n| n.key.as_deref()) {
+            out.extend_from_slice(b",\"key\":");
+            write_json_string(out, key);
+        }
+        out.extend_from_slice(b",\"status\":");
+        write_json_string(out, fields.as_ref().map_or("?", |f| f.status));
+        out.extend_from_slice(b",\"latency_us\":");
+        out.extend_from_slice(itoa::Buffer::new().format(latency_us).as_bytes());
+        if let Some(f) = &fields {
+            if let Some(hit) = f.cache_hit {
+                out.extend_from_slice(if hit { b",\"cache_hit\":true" } else { b",\"cache_hit\":false" });
+            }
+            if let Some(node) = f.node {
+                out.extend_from_slice(b",\"node\":");
+                out.extend_from_slice(itoa::Buffer::new().format(node).as_bytes());
+            }
+            if let Some(id) = f.id {
+                out.extend_from_slice(b",\"id\":");
+                out.extend_from_slice(id.get().as_bytes());
+            }
+        }
+        out.extend_from_slice(b"}\n");
+        self.lines += 1;
         if self.buf.len() >= FLUSH_AT {
             self.flush();
         }

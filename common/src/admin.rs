@@ -38,8 +38,18 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// Silence (or an unfinished request) after which a connection is closed, unless the
 /// service's `--idle-timeout-ms` is shorter.
 pub const MAX_IDLE: Duration = Duration::from_secs(10);
-/// Requests of one connection answered per loop turn.
-const REQUEST_BUDGET: usize = 8;
+/// Requests of one connection answered per loop turn, and of all connections together; and
+/// once this much loop time went to admin requests in a turn, the rest wait for the next
+/// (a scrape costs tens of µs in a release build, milliseconds in a debug one).
+const REQUEST_BUDGET: usize = 4;
+const TURN_BUDGET: usize = 8;
+const TURN_TIME: Duration = Duration::from_micros(500);
+/// Connections accepted (or refused) per loop turn: a flood of connects waits in the backlog
+/// instead of holding the loop.
+const ACCEPT_BUDGET: usize = 32;
+/// What a connection past [`MAX_CONNECTIONS`] gets before it is closed.
+const REFUSAL: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 27\r\nConnection: close\r\n\r\ntoo many admin connections\n";
 const MAX_HEADERS: usize = 48;
 
 /// An HTTP request, as a service sees it.
@@ -128,8 +138,11 @@ struct Conn {
     out: Vec<u8>,
     written: usize,
     eof: bool,
-    /// Close once `out` is written (Connection: close, or an error answer).
+    /// Close once `out` is written (Connection: close).
     close_after: bool,
+    /// After an error answer: our side is shut, and what the client still sends is read and
+    /// dropped until it closes or goes quiet, so that the answer is not lost to a reset.
+    linger: bool,
     last_active: Instant,
     /// When the first byte of the request being read arrived.
     request_started: Option<Instant>,
@@ -142,6 +155,11 @@ pub(crate) struct Admin {
     conns: Slab<Conn>,
     /// Connections that used up their request budget: driven again next turn.
     again: Vec<usize>,
+    /// The accept budget ran out with connections perhaps still in the backlog.
+    accept_again: bool,
+    /// Requests that may still be answered this turn, and the loop time they took so far.
+    turn_budget: usize,
+    turn_busy: Duration,
     stats: AdminStats,
     idle: Duration,
     scratch: Box<[u8]>,
@@ -255,6 +273,9 @@ impl Admin {
             addr,
             conns: Slab::new(),
             again: Vec::new(),
+            accept_again: false,
+            turn_budget: TURN_BUDGET,
+            turn_busy: Duration::ZERO,
             stats: AdminStats::default(),
             idle: idle_timeout.min(MAX_IDLE),
             scratch: vec![0; 16 * 1024].into_boxed_slice(),
@@ -266,18 +287,17 @@ impl Admin {
     }
 
     pub(crate) fn has_again(&self) -> bool {
-        !self.again.is_empty()
+        !self.again.is_empty() || self.accept_again
     }
 
     pub(crate) fn accept_all(&mut self, registry: &Registry, now: Instant) {
-        loop {
+        self.accept_again = false;
+        for _ in 0..ACCEPT_BUDGET {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
                     if self.conns.len() >= MAX_CONNECTIONS {
                         // A fresh socket's buffer takes this whole; then the connection closes.
-                        let mut out = Vec::new();
-                        write_response(&mut out, &Response::text(503, "too many admin connections"), false, false);
-                        let _ = stream.write(&out);
+                        let _ = stream.write(REFUSAL);
                         debug!("admin: refused {peer}: at {MAX_CONNECTIONS} connections");
                         continue;
                     }
@@ -293,6 +313,7 @@ impl Admin {
                         written: 0,
                         eof: false,
                         close_after: false,
+                        linger: false,
                         last_active: now,
                         request_started: None,
                     });
@@ -306,6 +327,7 @@ impl Admin {
                 }
             }
         }
+        self.accept_again = true;
     }
 
     /// Closes connections that were silent, or slow to finish a request, for too long.
@@ -334,10 +356,16 @@ impl Admin {
 
     /// Drives the connections that used up their budget last turn.
     pub(crate) fn drive_again<S: Service>(&mut self, service: &mut S, ctx: &mut Ctx<S::Timer>) {
+        if self.accept_again {
+            self.accept_all(ctx.registry(), ctx.now());
+        }
         let again = std::mem::take(&mut self.again);
         for index in again {
             self.drive(index, service, ctx);
         }
+        // The turn is over: the next one has a fresh budget.
+        self.turn_budget = TURN_BUDGET;
+        self.turn_busy = Duration::ZERO;
     }
 
     /// Brings one connection up to date: writes what is owed, then reads and answers requests
@@ -366,21 +394,39 @@ impl Admin {
             if c.close_after {
                 return self.close(ctx.registry(), index);
             }
+            if c.linger {
+                let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                // Bounded per turn, like everything else; the deadline ends it.
+                for _ in 0..64 {
+                    match c.stream.read(&mut self.scratch) {
+                        Ok(0) => return self.close(ctx.registry(), index),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                        Err(_) => return self.close(ctx.registry(), index),
+                    }
+                }
+                self.again.push(index);
+                return;
+            }
             // Answer the next request, if a whole one is here.
             if !c.input.is_empty() {
                 match parse(&c.input) {
                     Parsed::Request { head, body, keep_alive } => {
-                        if answered == REQUEST_BUDGET {
+                        if answered == REQUEST_BUDGET || self.turn_budget == 0 || self.turn_busy >= TURN_TIME {
                             self.again.push(index);
                             return;
                         }
                         answered += 1;
+                        self.turn_budget -= 1;
                         let input = std::mem::take(&mut c.input);
                         let mut out = std::mem::take(&mut c.out);
                         let started = Instant::now();
                         self.answer(&input[..head + body], head, keep_alive, &mut out, service, ctx);
+                        let busy = started.elapsed();
                         self.stats.requests += 1;
-                        self.stats.busy_seconds += started.elapsed().as_secs_f64();
+                        self.stats.busy_seconds += busy.as_secs_f64();
+                        self.turn_busy += busy;
                         let Some(c) = self.conns.get_mut(index) else { return };
                         c.out = out;
                         c.input = input;
@@ -392,7 +438,7 @@ impl Admin {
                     Parsed::Reject(status, why) => {
                         debug!("admin: {status} {why}");
                         write_response(&mut c.out, &Response::text(status, why), false, false);
-                        c.close_after = true;
+                        c.linger = true;
                         c.input = Vec::new();
                         continue;
                     }

@@ -18,15 +18,10 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 
-use crate::metrics::LatencyHistogram;
+use crate::metrics::{LatencyHistogram, BUCKET_BOUNDS_US};
 
 /// The Content-Type of the exposition.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Upper bounds of the latency histogram's buckets, in seconds: from a cache hit on loopback
-/// (tens of µs) to an origin fetch that times out (seconds).
-pub const LATENCY_BUCKETS: [f64; 16] =
-    [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -222,13 +217,8 @@ fn integer(value: f64) -> Option<u64> {
 /// The latency histogram as Prometheus buckets: (upper bound in seconds, count in that bucket
 /// alone), the last bound `f64::MAX` standing for `+Inf` as the crate's encoder expects.
 pub fn latency_buckets(histogram: &LatencyHistogram) -> Vec<(f64, u64)> {
-    let mut counts = [0u64; LATENCY_BUCKETS.len() + 1];
-    histogram.for_each_value(|us, count| {
-        let seconds = us as f64 / 1e6;
-        let bucket = LATENCY_BUCKETS.iter().position(|le| seconds <= *le).unwrap_or(LATENCY_BUCKETS.len());
-        counts[bucket] = counts[bucket].saturating_add(count);
-    });
-    LATENCY_BUCKETS.iter().copied().chain([f64::MAX]).zip(counts).collect()
+    let bounds = BUCKET_BOUNDS_US.iter().map(|us| *us as f64 / 1e6).chain([f64::MAX]);
+    bounds.zip(histogram.bucket_counts().iter().copied()).collect()
 }
 
 /// Renders a service's METRICS `data` (and its GET latency histogram) as an exposition.
@@ -242,8 +232,8 @@ pub fn render(metrics: &Value, latency: Option<&LatencyHistogram>, admin: AdminS
         samples: vec![("version", env!("CARGO_PKG_VERSION").to_owned(), Sample::Number(1.0))],
     });
     if let Some(histogram) = latency {
-        let count = histogram.len();
-        let sum = histogram.mean_us() * count as f64 / 1e6;
+        let count = histogram.bucket_counts().iter().sum();
+        let sum = histogram.sum_us() as f64 / 1e6;
         snapshot.families.push(Family {
             name: "cachetier_request_duration_seconds",
             help: "Time from reading a GET to writing its answer.",

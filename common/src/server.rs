@@ -423,14 +423,18 @@ impl<T> Ctx<T> {
     /// given as usual. (Kept apart so that the path without a log is untouched.)
     fn complete_logged(&mut self, ticket: Ticket, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
         let peer = self.live_index(ticket.client).map(|index| self.clients[index].peer);
-        let mut buf = Vec::new();
+        let mut buf = self.access_log.as_mut().map(AccessLog::take_scratch).unwrap_or_default();
         if peer.is_some() {
             encode(&mut buf);
         }
         if let Some(log) = self.access_log.as_mut() {
             log.answered_later(ticket.log, peer, &buf);
         }
-        self.complete_unlogged(ticket, |out| out.extend_from_slice(&buf))
+        let done = self.complete_unlogged(ticket, |out| out.extend_from_slice(&buf));
+        if let Some(log) = self.access_log.as_mut() {
+            log.put_scratch(buf);
+        }
+        done
     }
 
     fn live_index(&self, client: ClientId) -> Option<usize> {
@@ -700,11 +704,8 @@ impl<S: Service> Server<S> {
                         admin.accept_all(&self.ctx.registry, self.ctx.now);
                     }
                 }
-                token if crate::admin::conn_index(token).is_some() => {
-                    if let (Some(admin), Some(index)) = (self.admin.as_mut(), crate::admin::conn_index(token)) {
-                        admin.drive(index, &mut self.service, &mut self.ctx);
-                    }
-                }
+                // After the line protocol's events, below.
+                token if crate::admin::conn_index(token).is_some() => {}
                 Token(t) if t >= CLIENT_BASE && self.ctx.clients.contains(t - CLIENT_BASE) => {
                     let c = &mut self.ctx.clients[t - CLIENT_BASE];
                     c.drained = false;
@@ -712,6 +713,13 @@ impl<S: Service> Server<S> {
                     self.drive(t - CLIENT_BASE);
                 }
                 _ => {}
+            }
+        }
+        // Admin connections last: a request on the line protocol that arrived in the same
+        // turn as a scrape is not kept waiting behind it.
+        if let Some(admin) = self.admin.as_mut() {
+            for index in events.iter().filter_map(|e| crate::admin::conn_index(e.token())) {
+                admin.drive(index, &mut self.service, &mut self.ctx);
             }
         }
         self.events = events;
@@ -846,6 +854,8 @@ impl<S: Service> Server<S> {
         }
         if let Some(admin) = self.admin.as_mut() {
             admin.sweep(&self.ctx.registry, self.ctx.now);
+            // Connections left in the backlog by an accept that ran out of descriptors.
+            admin.accept_all(&self.ctx.registry, self.ctx.now);
             self.service.on_admin_tick(&mut self.ctx);
         }
     }
