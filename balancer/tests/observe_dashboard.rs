@@ -32,7 +32,7 @@ fn chromium(profile: &Path) -> Command {
             "--disable-component-update",
             "--disable-sync",
             "--disable-dev-shm-usage",
-            "--window-size=1280,1000",
+            "--window-size=1280,680",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .stdin(Stdio::null());
