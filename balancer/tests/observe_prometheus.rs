@@ -158,10 +158,24 @@ fn a_real_prometheus_scrapes_all_three_tiers() {
 fn binaries_announce_their_admin_listener() {
     let origin = Child2::spawn(
         "origin",
-        &["--port", "0", "--admin-port", "0", "--data-dir", &observe::data_dir(), "--log-level", "warn"],
+        &[
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--admin-host",
+            "127.0.0.1",
+            "--data-dir",
+            &observe::data_dir(),
+            "--log-level",
+            "warn",
+        ],
     )
     .unwrap();
     let admin = origin.admin.expect("admin listening on … announced");
+    // --admin-host is accepted and used (tests stay on 127.0.0.1).
+    assert_eq!(admin.ip().to_string(), "127.0.0.1");
+    assert_ne!(admin.port(), origin.addr.port());
     assert_eq!(get(admin, "/healthz").text(), "ok");
     assert!(get(admin, "/metrics").text().contains("cachetier_origin_answers_total"));
 }
