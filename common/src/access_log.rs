@@ -348,3 +348,41 @@ mod tests {
         assert!(err.to_string().contains("--access-log"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod cost {
+    use super::*;
+
+    /// Ad hoc: `cargo test --release -p common access_log_line_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn access_log_line_cost() {
+        let path = std::env::temp_dir().join(format!("cachetier-access-cost-{}", std::process::id()));
+        let mut log = AccessLog::open(Target::File(path.clone())).expect("open");
+        let client: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        let answer = format!(
+            "{{\"status\":\"OK\",\"data\":{{\"id\":1,\"v\":\"{}\"}},\"cache_hit\":true,\"node\":8001}}\n",
+            "x".repeat(180)
+        );
+        let n = 200_000;
+        let t = Instant::now();
+        for _ in 0..n {
+            log.begin(b"GET synthetic/123", Instant::now());
+            log.answered_now(client, answer.as_bytes());
+            log.end();
+        }
+        let per = t.elapsed() / n;
+        let t = Instant::now();
+        for _ in 0..n {
+            let _ = serde_json::from_slice::<AnswerFields>(answer.as_bytes());
+        }
+        let parse = t.elapsed() / n;
+        let t = Instant::now();
+        for _ in 0..n {
+            let _ = parse_request(b"GET synthetic/123");
+        }
+        let req = t.elapsed() / n;
+        eprintln!("per line {per:?}; of which answer parse {parse:?}, request parse {req:?}");
+        let _ = std::fs::remove_file(&path);
+    }
+}
