@@ -3,7 +3,9 @@
 //! timer-driven probes, polls the proxies' METRICS, and fans PURGE out to all of them.
 
 pub mod backend;
+pub mod dashboard;
 pub mod health;
+pub mod history;
 pub mod relay;
 pub mod service;
 pub mod strategy;

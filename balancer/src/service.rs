@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::time::Instant;
 
+use common::admin::{Request as AdminRequest, Response as AdminResponse};
 use common::framing::Frame;
 use common::metrics::{ratio, CommonMetrics, LatencyHistogram, LatencySummary};
 use common::protocol::{encode_ok_value, parse_request, write_text_request, Id, Op, Reply, Status};
@@ -180,6 +181,8 @@ pub struct Balancer {
     dirty_conns: Vec<usize>,
     exchanges: Slab<Exchange>,
     purges: Slab<PurgeFanOut>,
+    /// The dashboard's samples (SPEC 6), taken on the admin listener's tick.
+    history: crate::history::History,
 }
 
 /// Upstream connections and exchanges share the peer token space: even and odd.
@@ -314,6 +317,7 @@ impl Balancer {
             dirty_conns: Vec::new(),
             exchanges: Slab::new(),
             purges: Slab::new(),
+            history: crate::history::History::new(),
         }
     }
 
@@ -868,6 +872,25 @@ impl Service for Balancer {
         } else {
             self.on_exchange_event(ctx, n / 2);
         }
+    }
+
+    // SPEC 6: /metrics, the dashboard and its history read the METRICS data.
+    fn metrics_json(&self, ctx: &Ctx<Timer>) -> serde_json::Value {
+        serde_json::to_value(self.metrics(ctx)).unwrap_or_default()
+    }
+
+    fn latency_histogram(&self) -> Option<&LatencyHistogram> {
+        Some(&self.core.latency_us)
+    }
+
+    fn admin_request(&mut self, ctx: &mut Ctx<Timer>, request: &AdminRequest<'_>) -> Option<AdminResponse> {
+        let metrics = crate::dashboard::wants_metrics(request).then(|| common::admin::metrics_value(self, ctx));
+        crate::dashboard::route(request, &mut self.history, metrics)
+    }
+
+    fn on_admin_tick(&mut self, ctx: &mut Ctx<Timer>) {
+        let metrics = common::admin::metrics_value(self, ctx);
+        self.history.sample(ctx.now(), crate::dashboard::wall_ms(), &metrics, &self.core.latency_us);
     }
 
     fn on_turn_end(&mut self, ctx: &mut Ctx<Timer>) {

@@ -32,6 +32,19 @@ pub struct ServerArgs {
     /// error, warn, info, debug, trace or off.
     #[arg(long, default_value = "info")]
     pub log_level: LevelFilter,
+
+    /// Serve HTTP (/metrics, /healthz; the balancer's dashboard) on this port (0 picks a free
+    /// one); off when not given.
+    #[arg(long)]
+    pub admin_port: Option<u16>,
+
+    /// Address for the admin listener [default: --host].
+    #[arg(long)]
+    pub admin_host: Option<String>,
+
+    /// Write one JSON line per answered request to PATH (- = stderr); off when not given.
+    #[arg(long, value_name = "PATH")]
+    pub access_log: Option<String>,
 }
 
 impl ServerArgs {
@@ -47,6 +60,9 @@ impl ServerArgs {
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             announce: true,
             handle_signals: true,
+            admin_port: self.admin_port,
+            admin_host: self.admin_host.clone(),
+            access_log: self.access_log.as_deref().map(crate::access_log::Target::parse),
             ..ServerConfig::default()
         }
     }

@@ -2,10 +2,13 @@
 //! deadline queue, the event-loop scaffolding (listener, limits, signals, drain), logging and
 //! metrics building blocks, and a small blocking client for tests and tools.
 
+pub mod access_log;
+pub mod admin;
 pub mod cli;
 pub mod framing;
 pub mod logging;
 pub mod metrics;
+pub mod prom;
 pub mod protocol;
 pub mod random;
 pub mod server;

@@ -74,7 +74,18 @@ pub struct LatencySummary {
 #[derive(Clone, Debug)]
 pub struct LatencyHistogram {
     hist: Histogram<u64>,
+    /// The same samples counted in the Prometheus buckets of [`BUCKET_BOUNDS_US`] (the last
+    /// one unbounded), and their exact sum: kept as samples arrive so that a scrape is O(1).
+    buckets: [u64; BUCKET_BOUNDS_US.len() + 1],
+    sum_us: u64,
 }
+
+/// Upper bounds (µs) of the latency buckets `/metrics` exports (SPEC 6): from a cache hit on
+/// loopback (tens of µs) to an origin fetch that times out (seconds).
+pub const BUCKET_BOUNDS_US: [u64; 16] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000,
+];
 
 const HIGHEST_US: u64 = 3_600_000_000;
 
@@ -91,12 +102,25 @@ impl LatencyHistogram {
         let hist = Histogram::new_with_bounds(1, HIGHEST_US, 3)
             .or_else(|_| Histogram::new(3))
             .unwrap_or_else(|_| unreachable!("3 significant figures is a valid histogram"));
-        LatencyHistogram { hist }
+        LatencyHistogram { hist, buckets: [0; BUCKET_BOUNDS_US.len() + 1], sum_us: 0 }
     }
 
     pub fn record(&mut self, latency: Duration) {
         let us = (latency.as_micros() as u64).clamp(1, HIGHEST_US);
         self.hist.saturating_record(us);
+        let bucket = BUCKET_BOUNDS_US.iter().position(|le| us <= *le).unwrap_or(BUCKET_BOUNDS_US.len());
+        self.buckets[bucket] = self.buckets[bucket].saturating_add(1);
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    /// Samples per bucket of [`BUCKET_BOUNDS_US`] (not cumulative; the last is above them all).
+    pub fn bucket_counts(&self) -> &[u64] {
+        &self.buckets
+    }
+
+    /// The exact sum of every sample, µs.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us
     }
 
     pub fn len(&self) -> u64 {
@@ -134,6 +158,18 @@ impl LatencyHistogram {
 
     pub fn clear(&mut self) {
         self.hist.reset();
+        self.buckets = [0; BUCKET_BOUNDS_US.len() + 1];
+        self.sum_us = 0;
+    }
+
+    /// The `q` quantile of what was recorded since `earlier` (an older copy of this
+    /// histogram), for per-interval percentiles; 0 when nothing was.
+    pub fn quantile_since_us(&self, earlier: &LatencyHistogram, qs: &[f64]) -> Vec<u64> {
+        let mut delta = self.hist.clone();
+        if delta.subtract(&earlier.hist).is_err() || delta.is_empty() {
+            return vec![0; qs.len()];
+        }
+        qs.iter().map(|q| delta.value_at_quantile(*q)).collect()
     }
 }
 
@@ -148,6 +184,8 @@ pub struct CommonMetrics {
     pub total_requests: u64,
     /// Client connections open now (not connections to other tiers).
     pub connections: usize,
+    /// Access log lines lost to failed writes (SPEC 6).
+    pub access_log_dropped: u64,
 }
 
 /// The `data` of a HEALTH answer (SPEC 2.5).

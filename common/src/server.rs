@@ -27,8 +27,10 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 
+use crate::access_log::{AccessLog, NoteId};
+use crate::admin::Admin;
 use crate::framing::{next_frame, read_once, Frame, OutBuf, SharedBytes};
-use crate::metrics::{CommonMetrics, HealthData, StartTime};
+use crate::metrics::{CommonMetrics, HealthData, LatencyHistogram, StartTime};
 use crate::protocol::{encode_ok_value, Id, Reply, RequestError, Status};
 use crate::timers::{TimerKey, TimerQueue};
 
@@ -56,6 +58,8 @@ const READ_CHUNK: usize = 64 * 1024;
 const READ_BUDGET: usize = 16;
 /// How long to wait before accepting again after running out of file descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// The period of [`LoopTimer::Tick`].
+const TICK: Duration = Duration::from_secs(1);
 
 /// How a service listens and what it tolerates from clients.
 #[derive(Clone, Debug)]
@@ -75,6 +79,12 @@ pub struct ServerConfig {
     pub announce: bool,
     /// Drain and exit on SIGTERM/SIGINT (binaries); in-process tests use [`ShutdownHandle`].
     pub handle_signals: bool,
+    /// The admin HTTP listener (SPEC 6): its port (0 = a free one) when wanted, and its host
+    /// (default: `host`).
+    pub admin_port: Option<u16>,
+    pub admin_host: Option<String>,
+    /// `--access-log` (SPEC 6), off when `None`.
+    pub access_log: Option<crate::access_log::Target>,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +100,9 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(5),
             announce: false,
             handle_signals: false,
+            admin_port: None,
+            admin_host: None,
+            access_log: None,
         }
     }
 }
@@ -108,6 +121,8 @@ pub struct Ticket {
     client: ClientId,
     /// The request's slot, for requests without an id; `None` for requests with one.
     slot: Option<u64>,
+    /// Its access log note, when the log is on.
+    log: Option<NoteId>,
 }
 
 impl Ticket {
@@ -142,6 +157,28 @@ pub trait Service {
 
     /// The drain has begun (SIGTERM or [`ShutdownHandle::shutdown`]).
     fn on_drain(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
+
+    /// The service's METRICS `data`, for the admin listener's `/metrics` (SPEC 6).
+    fn metrics_json(&self, _ctx: &Ctx<Self::Timer>) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// The GET latency histogram behind METRICS `latency_us`, exported as buckets.
+    fn latency_histogram(&self) -> Option<&LatencyHistogram> {
+        None
+    }
+
+    /// An admin HTTP request other than `/metrics` and `/healthz`; `None` answers 404.
+    fn admin_request(
+        &mut self,
+        _ctx: &mut Ctx<Self::Timer>,
+        _request: &crate::admin::Request<'_>,
+    ) -> Option<crate::admin::Response> {
+        None
+    }
+
+    /// About once a second while the admin listener is on (the balancer samples its history).
+    fn on_admin_tick(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
 }
 
 /// Everything a service may do to the world: answer clients, schedule timers, register its
@@ -162,6 +199,8 @@ pub struct Ctx<T> {
     /// Spare buffers for answers that wait in their slot, so steady state does not allocate.
     spare: Vec<Vec<u8>>,
     draining: bool,
+    /// `--access-log`, when on.
+    access_log: Option<AccessLog>,
 }
 
 enum LoopTimer<T> {
@@ -169,10 +208,13 @@ enum LoopTimer<T> {
     AcceptRetry,
     DrainDeadline,
     Service(T),
+    /// Once a second with an admin listener or an access log: flush, sweep, sample.
+    Tick,
 }
 
 struct Client {
     stream: TcpStream,
+    peer: SocketAddr,
     serial: u64,
     /// Bytes read but not yet used: at most a partial line, unless reading is paused.
     carry: Vec<u8>,
@@ -261,9 +303,17 @@ impl<T> Ctx<T> {
         if ordered && !c.slots.is_empty() {
             let mut buf = self.spare.pop().unwrap_or_default();
             encode(&mut buf);
+            if let Some(log) = self.access_log.as_mut() {
+                log.answered_now(c.peer, &buf);
+            }
             c.slots.push_back(Slot::Ready(buf));
         } else {
-            encode(c.out.buf_mut());
+            let out = c.out.buf_mut();
+            let start = out.len();
+            encode(out);
+            if let Some(log) = self.access_log.as_mut() {
+                log.answered_now(c.peer, out.get(start..).unwrap_or_default());
+            }
         }
         self.mark_dirty(index);
     }
@@ -289,6 +339,7 @@ impl<T> Ctx<T> {
             uptime_s: self.started.uptime_s(self.now),
             total_requests: self.total_requests + 1,
             connections: self.clients.len(),
+            access_log_dropped: self.access_log.as_ref().map_or(0, AccessLog::dropped),
         }
     }
 
@@ -320,11 +371,19 @@ impl<T> Ctx<T> {
                 None
             }
         });
-        Ticket { client, slot }
+        let log = self.access_log.as_mut().and_then(AccessLog::defer);
+        Ticket { client, slot, log }
     }
 
     /// Keeps a promise. Returns false (and encodes nothing) when the client has gone.
     pub fn complete(&mut self, ticket: Ticket, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+        if self.access_log.is_some() {
+            return self.complete_logged(ticket, encode);
+        }
+        self.complete_unlogged(ticket, encode)
+    }
+
+    fn complete_unlogged(&mut self, ticket: Ticket, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
         let Some(index) = self.live_index(ticket.client) else { return false };
         self.total_requests += 1;
         let c = &mut self.clients[index];
@@ -358,6 +417,24 @@ impl<T> Ctx<T> {
         }
         self.mark_dirty(index);
         true
+    }
+
+    /// [`Ctx::complete`] with the access log on: the answer is encoded aside, logged, then
+    /// given as usual. (Kept apart so that the path without a log is untouched.)
+    fn complete_logged(&mut self, ticket: Ticket, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let peer = self.live_index(ticket.client).map(|index| self.clients[index].peer);
+        let mut buf = self.access_log.as_mut().map(AccessLog::take_scratch).unwrap_or_default();
+        if peer.is_some() {
+            encode(&mut buf);
+        }
+        if let Some(log) = self.access_log.as_mut() {
+            log.answered_later(ticket.log, peer, &buf);
+        }
+        let done = self.complete_unlogged(ticket, |out| out.extend_from_slice(&buf));
+        if let Some(log) = self.access_log.as_mut() {
+            log.put_scratch(buf);
+        }
+        done
     }
 
     fn live_index(&self, client: ClientId) -> Option<usize> {
@@ -454,6 +531,8 @@ pub struct Server<S: Service> {
     /// list gives up its allocation each turn.
     again_batch: Vec<ClientId>,
     dirty_batch: Vec<usize>,
+    /// The admin HTTP listener (SPEC 6), when `--admin-port` is given.
+    admin: Option<Admin>,
     ctx: Ctx<S::Timer>,
     service: S,
 }
@@ -481,14 +560,25 @@ impl<S: Service> Server<S> {
         let registry = poll.registry().try_clone()?;
         registry.register(&mut listener, LISTENER, Interest::READABLE)?;
         let signals = if config.handle_signals {
-            let mut signals =
-                signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+            let mut signals = signal_hook_mio::v1_0::Signals::new([
+                signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGUSR1,
+            ])?;
             registry.register(&mut signals, SIGNALS, Interest::READABLE)?;
             Some(signals)
         } else {
             None
         };
         let waker = Arc::new(Waker::new(&registry, WAKER)?);
+        let admin = match config.admin_port {
+            Some(port) => {
+                let host = config.admin_host.as_deref().unwrap_or(&config.host);
+                Some(Admin::bind(host, port, &registry, config.idle_timeout)?)
+            }
+            None => None,
+        };
+        let access_log = config.access_log.clone().map(AccessLog::open).transpose()?;
         let shutdown = ShutdownHandle { requested: Arc::new(AtomicBool::new(false)), waker };
         Ok(Server {
             poll,
@@ -500,6 +590,7 @@ impl<S: Service> Server<S> {
             again: Vec::new(),
             again_batch: Vec::new(),
             dirty_batch: Vec::new(),
+            admin,
             ctx: Ctx {
                 now: Instant::now(),
                 registry,
@@ -513,6 +604,7 @@ impl<S: Service> Server<S> {
                 dirty: Vec::new(),
                 spare: Vec::new(),
                 draining: false,
+                access_log,
             },
             service,
         })
@@ -520,6 +612,11 @@ impl<S: Service> Server<S> {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.ctx.local_addr
+    }
+
+    /// Where the admin listener listens, when there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(Admin::local_addr)
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
@@ -531,15 +628,21 @@ impl<S: Service> Server<S> {
         if self.ctx.config.announce {
             let mut stdout = io::stdout().lock();
             writeln!(stdout, "listening on {}", self.ctx.local_addr)?;
+            if let Some(addr) = self.admin_addr() {
+                writeln!(stdout, "admin listening on {addr}")?;
+            }
             stdout.flush()?;
         }
         info!("listening on {}", self.ctx.local_addr);
         self.ctx.now = Instant::now();
+        if self.admin.is_some() || self.ctx.access_log.is_some() {
+            self.ctx.timers.schedule(self.ctx.now + TICK, LoopTimer::Tick);
+        }
         self.service.on_start(&mut self.ctx);
         loop {
             self.ctx.now = Instant::now();
-            let timeout =
-                if self.again.is_empty() { self.ctx.timers.timeout(self.ctx.now) } else { Some(Duration::ZERO) };
+            let busy = !self.again.is_empty() || self.admin.as_ref().is_some_and(Admin::has_again);
+            let timeout = if busy { Some(Duration::ZERO) } else { self.ctx.timers.timeout(self.ctx.now) };
             if let Err(e) = self.poll.poll(&mut self.events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -557,6 +660,9 @@ impl<S: Service> Server<S> {
                 }
             }
             self.again_batch = batch;
+            if let Some(admin) = self.admin.as_mut() {
+                admin.drive_again(&mut self.service, &mut self.ctx);
+            }
             if self.fire_timers() {
                 break;
             }
@@ -570,6 +676,9 @@ impl<S: Service> Server<S> {
             if self.ctx.draining && self.ctx.clients.is_empty() {
                 break;
             }
+        }
+        if let Some(log) = self.ctx.access_log.as_mut() {
+            log.flush();
         }
         info!("stopped after answering {} requests", self.ctx.total_requests);
         Ok(())
@@ -590,6 +699,13 @@ impl<S: Service> Server<S> {
                 SIGNALS => self.on_signals(),
                 WAKER if self.shutdown.requested.load(Ordering::SeqCst) => self.begin_drain("shutdown requested"),
                 Token(t) if t >= PEER_BASE => {}
+                crate::admin::LISTENER => {
+                    if let Some(admin) = self.admin.as_mut() {
+                        admin.accept_all(&self.ctx.registry, self.ctx.now);
+                    }
+                }
+                // After the line protocol's events, below.
+                token if crate::admin::conn_index(token).is_some() => {}
                 Token(t) if t >= CLIENT_BASE && self.ctx.clients.contains(t - CLIENT_BASE) => {
                     let c = &mut self.ctx.clients[t - CLIENT_BASE];
                     c.drained = false;
@@ -599,14 +715,32 @@ impl<S: Service> Server<S> {
                 _ => {}
             }
         }
+        // Admin connections last: a request on the line protocol that arrived in the same
+        // turn as a scrape is not kept waiting behind it.
+        if let Some(admin) = self.admin.as_mut() {
+            for index in events.iter().filter_map(|e| crate::admin::conn_index(e.token())) {
+                admin.drive(index, &mut self.service, &mut self.ctx);
+            }
+        }
         self.events = events;
     }
 
     fn on_signals(&mut self) {
         let mut got = false;
+        let mut reopen = false;
         if let Some(signals) = self.signals.as_mut() {
             // Drain every pending signal so the edge-triggered source re-arms.
-            got = signals.pending().count() > 0;
+            for signal in signals.pending() {
+                if signal == signal_hook::consts::SIGUSR1 {
+                    reopen = true;
+                } else {
+                    got = true;
+                }
+            }
+        }
+        if let (true, Some(log)) = (reopen, self.ctx.access_log.as_mut()) {
+            info!("SIGUSR1: reopening the access log");
+            log.reopen();
         }
         if got {
             self.begin_drain("signal received");
@@ -674,6 +808,7 @@ impl<S: Service> Server<S> {
             Some(self.ctx.timers.schedule(self.ctx.now + self.ctx.config.idle_timeout, LoopTimer::Idle(id)));
         entry.insert(Client {
             stream,
+            peer,
             serial,
             carry: Vec::new(),
             out: OutBuf::new(),
@@ -700,6 +835,7 @@ impl<S: Service> Server<S> {
                 LoopTimer::Service(t) => self.service.on_timer(&mut self.ctx, t),
                 LoopTimer::Idle(id) => self.check_idle(id),
                 LoopTimer::AcceptRetry => self.accept_all(),
+                LoopTimer::Tick => self.on_tick(),
                 LoopTimer::DrainDeadline => {
                     warn!("drain deadline passed with {} connections still open", self.ctx.clients.len());
                     return true;
@@ -707,6 +843,21 @@ impl<S: Service> Server<S> {
             }
         }
         false
+    }
+
+    /// The one-second tick: the access log is written out, idle admin connections closed,
+    /// and the service samples what it keeps for the admin views.
+    fn on_tick(&mut self) {
+        self.ctx.timers.schedule(self.ctx.now + TICK, LoopTimer::Tick);
+        if let Some(log) = self.ctx.access_log.as_mut() {
+            log.flush();
+        }
+        if let Some(admin) = self.admin.as_mut() {
+            admin.sweep(&self.ctx.registry, self.ctx.now);
+            // Connections left in the backlog by an accept that ran out of descriptors.
+            admin.accept_all(&self.ctx.registry, self.ctx.now);
+            self.service.on_admin_tick(&mut self.ctx);
+        }
     }
 
     fn check_idle(&mut self, id: ClientId) {
@@ -891,7 +1042,13 @@ fn dispatch<S: Service>(service: &mut S, ctx: &mut Ctx<S::Timer>, index: usize, 
             Frame::Line(line, n) => {
                 used += n;
                 if !line.iter().all(|b| *b == b' ' || *b == b'\t') {
+                    if let Some(log) = ctx.access_log.as_mut() {
+                        log.begin(line, ctx.now);
+                    }
                     service.on_line(ctx, client, line);
+                    if let Some(log) = ctx.access_log.as_mut() {
+                        log.end();
+                    }
                 }
             }
             Frame::Incomplete => return used,

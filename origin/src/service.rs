@@ -138,6 +138,15 @@ impl Service for Origin {
         }
     }
 
+    // SPEC 6: the admin listener's /metrics reads the same METRICS data.
+    fn metrics_json(&self, ctx: &Ctx<Delayed>) -> serde_json::Value {
+        serde_json::to_value(self.metrics(ctx)).unwrap_or_default()
+    }
+
+    fn latency_histogram(&self) -> Option<&LatencyHistogram> {
+        Some(&self.latency_us)
+    }
+
     fn on_timer(&mut self, ctx: &mut Ctx<Delayed>, delayed: Delayed) {
         self.delayed -= 1;
         let id = delayed.id.as_deref().and_then(Id::from_raw_json);

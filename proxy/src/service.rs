@@ -396,6 +396,15 @@ impl Service for Proxy {
         }
     }
 
+    // SPEC 6: the admin listener's /metrics reads the same METRICS data.
+    fn metrics_json(&self, ctx: &Ctx<Timer>) -> serde_json::Value {
+        serde_json::to_value(self.metrics(ctx)).unwrap_or_default()
+    }
+
+    fn latency_histogram(&self) -> Option<&LatencyHistogram> {
+        Some(&self.core.latency_us)
+    }
+
     fn on_peer_event(&mut self, ctx: &mut Ctx<Timer>, token: Token, _event: &Event) {
         if let Some(conn) = peer_index(token) {
             self.on_origin_event(ctx, conn);
