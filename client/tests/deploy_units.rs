@@ -13,7 +13,21 @@ use std::process::Command;
 
 use common::testkit::{temp_dir, workspace_bin};
 
-const SERVICES: [(&str, u16); 3] = [("origin", 8000), ("proxy", 8001), ("balancer", 9000)];
+/// Each template: its unit name, the binary it runs, an instance to verify, its example env file.
+struct Template {
+    unit: &'static str,
+    binary: &'static str,
+    instance: &'static str,
+    env: &'static str,
+}
+
+const TEMPLATES: [Template; 4] = [
+    Template { unit: "cachetier-origin@", binary: "origin", instance: "8000", env: "origin-8000" },
+    Template { unit: "cachetier-proxy@", binary: "proxy", instance: "8001", env: "proxy-8001" },
+    Template { unit: "cachetier-balancer@", binary: "balancer", instance: "9000", env: "balancer-9000" },
+    // Several balancer processes on one port (--reuse-port): the instance is a worker number.
+    Template { unit: "cachetier-balancer-worker@", binary: "balancer", instance: "1", env: "balancer-workers" },
+];
 /// The services' default --max-connections (SPEC 3.7).
 const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 
@@ -21,8 +35,8 @@ fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd")
 }
 
-fn unit_text(name: &str) -> String {
-    std::fs::read_to_string(deploy_dir().join(format!("cachetier-{name}@.service"))).unwrap()
+fn unit_text(unit: &str) -> String {
+    std::fs::read_to_string(deploy_dir().join(format!("{unit}.service"))).unwrap()
 }
 
 /// The value of `key=` in a unit (the last one wins, as in systemd), if present.
@@ -70,11 +84,13 @@ fn systemd_analyze_verify_accepts_an_instance_of_each_unit() {
         &root.join("bin/kill"),
     );
     let mut instances = Vec::new();
-    for (name, port) in SERVICES {
-        let template = format!("cachetier-{name}@.service");
+    for t in &TEMPLATES {
+        let template = format!("{}.service", t.unit);
         std::fs::copy(deploy_dir().join(&template), units.join(&template)).unwrap();
-        link_or_copy(&workspace_bin(name).unwrap(), &bin.join(name));
-        instances.push(format!("cachetier-{name}@{port}.service"));
+        if !bin.join(t.binary).exists() {
+            link_or_copy(&workspace_bin(t.binary).unwrap(), &bin.join(t.binary));
+        }
+        instances.push(format!("{}{}.service", t.unit, t.instance));
     }
 
     let out = Command::new("systemd-analyze")
@@ -92,8 +108,8 @@ fn systemd_analyze_verify_accepts_an_instance_of_each_unit() {
 
 #[test]
 fn every_unit_is_hardened_and_sized_for_its_connections() {
-    for (name, _) in SERVICES {
-        let unit = unit_text(name);
+    for t in &TEMPLATES {
+        let (unit, name) = (unit_text(t.unit), t.unit);
         for (key, value) in [
             ("DynamicUser", "yes"),
             ("NoNewPrivileges", "yes"),
@@ -103,31 +119,45 @@ fn every_unit_is_hardened_and_sized_for_its_connections() {
             ("CapabilityBoundingSet", ""),
             ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
             ("KillSignal", "SIGTERM"),
-            ("EnvironmentFile", &format!("/etc/cachetier/{name}-%i.env")),
+            ("EnvironmentFile", &format!("/etc/cachetier/{}.env", t.env.replace(t.instance, "%i"))),
         ] {
             assert_eq!(setting(&unit, key).as_deref(), Some(value), "{name}: {key}");
         }
         let exec = setting(&unit, "ExecStart").unwrap();
-        assert!(exec.starts_with(&format!("/opt/cachetier/bin/{name} --port %i ")), "{name}: {exec}");
+        assert!(exec.starts_with(&format!("/opt/cachetier/bin/{} ", t.binary)), "{name}: {exec}");
         // One descriptor per client connection, and room for upstream sockets, listener, logs.
         let nofile: u64 = setting(&unit, "LimitNOFILE").unwrap().parse().unwrap();
         assert!(nofile >= DEFAULT_MAX_CONNECTIONS + 1024, "{name}: LimitNOFILE {nofile}");
     }
-    // The balancer's upstream sockets can reach --max-pending (10,000) with proxies that do
-    // not multiplex, so it gets room for both.
-    let balancer: u64 = setting(&unit_text("balancer"), "LimitNOFILE").unwrap().parse().unwrap();
-    assert!(balancer >= 2 * DEFAULT_MAX_CONNECTIONS + 1024, "balancer LimitNOFILE {balancer}");
-    assert_eq!(setting(&unit_text("balancer"), "ExecReload").as_deref(), Some("/bin/kill -HUP $MAINPID"));
+    for unit in ["cachetier-balancer@", "cachetier-balancer-worker@"] {
+        let text = unit_text(unit);
+        // The balancer's upstream sockets can reach --max-pending (10,000) with proxies that
+        // do not multiplex, so it gets room for both.
+        let nofile: u64 = setting(&text, "LimitNOFILE").unwrap().parse().unwrap();
+        assert!(nofile >= 2 * DEFAULT_MAX_CONNECTIONS + 1024, "{unit}: LimitNOFILE {nofile}");
+        assert_eq!(setting(&text, "ExecReload").as_deref(), Some("/bin/kill -HUP $MAINPID"), "{unit}");
+    }
+    // The port is the instance name, or, for workers sharing one port, --reuse-port and a user
+    // they share (the kernel lets only one user's sockets share a port).
+    for t in &TEMPLATES[..3] {
+        assert!(setting(&unit_text(t.unit), "ExecStart").unwrap().contains(" --port %i "), "{}", t.unit);
+    }
+    let workers = unit_text("cachetier-balancer-worker@");
+    assert!(setting(&workers, "ExecStart").unwrap().contains(" --reuse-port "));
+    assert_eq!(setting(&workers, "User").as_deref(), Some("cachetier-balancer"));
 }
 
 #[test]
 fn the_example_env_files_hold_flags_the_binaries_accept() {
-    for (name, port) in SERVICES {
-        let env = std::fs::read_to_string(deploy_dir().join(format!("env/{name}-{port}.env"))).unwrap();
+    for t in &TEMPLATES {
+        let name = t.binary;
+        let env = std::fs::read_to_string(deploy_dir().join(format!("env/{}.env", t.env))).unwrap();
         let var = format!("{}_ARGS=", name.to_uppercase());
         let args = env.lines().find_map(|l| l.strip_prefix(var.as_str())).unwrap_or_else(|| panic!("{name}: no {var}"));
         // As systemd expands an unquoted $VAR in ExecStart: split on whitespace.
-        let mut argv: Vec<&str> = vec!["--port", "0"];
+        // The unit's own flags first, as in its ExecStart.
+        let exec = setting(&unit_text(t.unit), "ExecStart").unwrap().replace("%i", "0");
+        let mut argv: Vec<&str> = exec.split_whitespace().skip(1).filter(|a| !a.starts_with('$')).collect();
         argv.extend(args.split_whitespace());
         // --version is acted on once every flag before it has parsed, so an unknown flag or a
         // bad value fails here, and nothing is started.
