@@ -167,3 +167,12 @@ fn the_example_env_files_hold_flags_the_binaries_accept() {
         assert!(String::from_utf8_lossy(&out.stdout).starts_with(name));
     }
 }
+
+#[test]
+fn every_binary_answers_version() {
+    for name in ["origin", "proxy", "balancer", "client"] {
+        let out = Command::new(workspace_bin(name).unwrap()).arg("--version").output().unwrap();
+        assert!(out.status.success(), "{name} --version");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{name} {}", env!("CARGO_PKG_VERSION")));
+    }
+}
