@@ -421,9 +421,14 @@ impl ShutdownHandle {
 const LISTEN_BACKLOG: i32 = 1024;
 
 /// Binds a listener (port 0 picks a free one) the way every service does: SO_REUSEADDR, so a
-/// restarted service gets its port back at once, and a backlog of [`LISTEN_BACKLOG`]. With
-/// `reuse_port`, also SO_REUSEPORT: other processes that set it too may bind the same port.
-pub fn bind_listener(host: &str, port: u16, reuse_port: bool) -> io::Result<TcpListener> {
+/// restarted service gets its port back at once, and a backlog of [`LISTEN_BACKLOG`].
+pub fn bind_listener(host: &str, port: u16) -> io::Result<TcpListener> {
+    bind_listener_with(host, port, false)
+}
+
+/// [`bind_listener`], and with `reuse_port` also SO_REUSEPORT: other processes (of the same
+/// user) that set it too may bind the same port, and the kernel spreads connections over them.
+pub fn bind_listener_with(host: &str, port: u16, reuse_port: bool) -> io::Result<TcpListener> {
     let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
     let mut last_err = io::Error::new(io::ErrorKind::AddrNotAvailable, format!("{host} resolves to no address"));
     for addr in addrs {
@@ -470,7 +475,7 @@ impl<S: Service> Server<S> {
     /// Binds `config.host:config.port` and builds the service with the bound address (a proxy
     /// needs its own port to fill in `node`).
     pub fn bind(config: ServerConfig, make: impl FnOnce(SocketAddr) -> io::Result<S>) -> io::Result<Self> {
-        let listener = bind_listener(&config.host, config.port, config.reuse_port)?;
+        let listener = bind_listener_with(&config.host, config.port, config.reuse_port)?;
         let local_addr = listener.local_addr()?;
         let service = make(local_addr)?;
         Server::with_listener(config, listener, service)
