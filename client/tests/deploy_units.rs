@@ -42,7 +42,7 @@ fn unit_text(unit: &str) -> String {
 /// The value of `key=` in a unit (the last one wins, as in systemd), if present.
 fn setting(unit: &str, key: &str) -> Option<String> {
     let prefix = format!("{key}=");
-    unit.lines().filter_map(|l| l.trim().strip_prefix(prefix.as_str())).last().map(str::to_owned)
+    unit.lines().filter_map(|l| l.trim().strip_prefix(prefix.as_str())).next_back().map(str::to_owned)
 }
 
 fn link_or_copy(from: &Path, to: &Path) {
