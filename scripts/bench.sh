@@ -18,7 +18,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="$ROOT/target/release"
+BIN="$(cd "$ROOT" && realpath -m "${CARGO_TARGET_DIR:-target}")/release" # cargo's target dir, relative to the root
 DURATION="${DURATION:-10}"
 REPS="${REPS:-3}"
 W4_DURATION="${W4_DURATION:-20}"

@@ -9,7 +9,20 @@ CACHE_TYPE="${CACHE_TYPE:-lru}"
 STRATEGY="${STRATEGY:-consistent_hash}"
 ORIGIN_LATENCY_MS="${ORIGIN_LATENCY_MS:-100}"
 RUN_DIR="${RUN_DIR:-$ROOT/.cluster}"
-BIN="$ROOT/target/release"
+# The binaries: under cargo's target dir, CARGO_TARGET_DIR if set (a relative one is taken from
+# the repository root, where the scripts run cargo), else target/. Canonical, so that it can be
+# compared with /proc/PID/exe.
+BIN="$(cd "$ROOT" && realpath -m "${CARGO_TARGET_DIR:-target}")/release"
 PIDS="$RUN_DIR/pids"
 
 alive() { kill -0 "$1" 2>/dev/null; }
+
+# ours PID NAME: PID is still running this checkout's binary for NAME (origin, proxy-PORT or
+# balancer). A recorded PID may belong to any other program once the service has exited, and
+# that one is never signalled. A binary rebuilt while running shows as "PATH (deleted)".
+ours() {
+    local expected exe
+    expected="$(readlink -f "$BIN/${2%%-*}")" || return 1
+    exe="$(readlink "/proc/$1/exe" 2>/dev/null)" || return 1
+    [[ "$exe" == "$expected" || "$exe" == "$expected (deleted)" ]]
+}

@@ -7,7 +7,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="$ROOT/target/release"
+BIN="$(cd "$ROOT" && realpath -m "${CARGO_TARGET_DIR:-target}")/release" # cargo's target dir, relative to the root
 SOAK_SECONDS="${SOAK_SECONDS:-300}"
 WARMUP=60
 OUT="${SOAK_OUT:-$ROOT/.soak}"

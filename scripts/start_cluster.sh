@@ -12,6 +12,7 @@
 #                      each key is cached by one proxy, so a second GET is a hit)
 #   ORIGIN_LATENCY_MS  simulated origin latency per GET     (default 100)
 #   RUN_DIR            PID file and logs                    (default .cluster/ at the repository root)
+#   CARGO_TARGET_DIR   where cargo builds the binaries      (default target/)
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/cluster_env.sh"
@@ -22,7 +23,7 @@ die() { echo "start_cluster: $*" >&2; exit 1; }
 # A cluster already running from this RUN_DIR is not started twice.
 if [[ -f "$PIDS" ]]; then
     while read -r name pid port; do
-        if alive "$pid"; then
+        if ours "$pid" "$name"; then
             die "a cluster is already running from $RUN_DIR ($name, pid $pid, port $port); stop it with ./scripts/kill_cluster.sh"
         fi
     done < "$PIDS"

@@ -73,6 +73,11 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     max_pending: usize,
 
+    /// SO_REUSEPORT: several processes started with it share --port, each its own loop; the
+    /// kernel spreads new connections over them (one process per core).
+    #[arg(long)]
+    reuse_port: bool,
+
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -93,7 +98,7 @@ fn main() -> ExitCode {
     };
     let request_timeout = Duration::from_millis(args.request_timeout_ms);
     let config = BalancerConfig {
-        server: args.server.to_config(args.port),
+        server: common::server::ServerConfig { reuse_port: args.reuse_port, ..args.server.to_config(args.port) },
         proxies,
         strategy: match args.strategy {
             StrategyName::RoundRobin => Strategy::RoundRobin,

@@ -85,6 +85,9 @@ pub struct ServerConfig {
     pub admin_host: Option<String>,
     /// `--access-log` (SPEC 6), off when `None`.
     pub access_log: Option<crate::access_log::Target>,
+    /// SO_REUSEPORT on the listener, so several processes (one loop each) can share the port
+    /// and the kernel spreads new connections over them (SPEC 7).
+    pub reuse_port: bool,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +106,7 @@ impl Default for ServerConfig {
             admin_port: None,
             admin_host: None,
             access_log: None,
+            reuse_port: false,
         }
     }
 }
@@ -496,10 +500,16 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// Binds a listener (port 0 picks a free one) the way every service does: SO_REUSEADDR, so a
 /// restarted service gets its port back at once, and a backlog of [`LISTEN_BACKLOG`].
 pub fn bind_listener(host: &str, port: u16) -> io::Result<TcpListener> {
+    bind_listener_with(host, port, false)
+}
+
+/// [`bind_listener`], and with `reuse_port` also SO_REUSEPORT: other processes (of the same
+/// user) that set it too may bind the same port, and the kernel spreads connections over them.
+pub fn bind_listener_with(host: &str, port: u16, reuse_port: bool) -> io::Result<TcpListener> {
     let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
     let mut last_err = io::Error::new(io::ErrorKind::AddrNotAvailable, format!("{host} resolves to no address"));
     for addr in addrs {
-        match bind_one(addr) {
+        match bind_one(addr, reuse_port) {
             Ok(listener) => return Ok(listener),
             Err(e) => last_err = io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")),
         }
@@ -507,10 +517,13 @@ pub fn bind_listener(host: &str, port: u16) -> io::Result<TcpListener> {
     Err(last_err)
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     socket.set_nonblocking(true)?;
@@ -541,7 +554,7 @@ impl<S: Service> Server<S> {
     /// Binds `config.host:config.port` and builds the service with the bound address (a proxy
     /// needs its own port to fill in `node`).
     pub fn bind(config: ServerConfig, make: impl FnOnce(SocketAddr) -> io::Result<S>) -> io::Result<Self> {
-        let listener = bind_listener(&config.host, config.port)?;
+        let listener = bind_listener_with(&config.host, config.port, config.reuse_port)?;
         let local_addr = listener.local_addr()?;
         let service = make(local_addr)?;
         Server::with_listener(config, listener, service)
@@ -560,11 +573,8 @@ impl<S: Service> Server<S> {
         let registry = poll.registry().try_clone()?;
         registry.register(&mut listener, LISTENER, Interest::READABLE)?;
         let signals = if config.handle_signals {
-            let mut signals = signal_hook_mio::v1_0::Signals::new([
-                signal_hook::consts::SIGTERM,
-                signal_hook::consts::SIGINT,
-                signal_hook::consts::SIGUSR1,
-            ])?;
+            let mut signals =
+                signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGUSR1])?;
             registry.register(&mut signals, SIGNALS, Interest::READABLE)?;
             Some(signals)
         } else {
@@ -731,7 +741,7 @@ impl<S: Service> Server<S> {
         if let Some(signals) = self.signals.as_mut() {
             // Drain every pending signal so the edge-triggered source re-arms.
             for signal in signals.pending() {
-                if signal == signal_hook::consts::SIGUSR1 {
+                if signal == libc::SIGUSR1 {
                     reopen = true;
                 } else {
                     got = true;

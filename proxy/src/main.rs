@@ -67,6 +67,11 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     max_pending: usize,
 
+    /// SO_REUSEPORT: several processes started with it share --port, each its own loop; the
+    /// kernel spreads new connections over them (one process per core).
+    #[arg(long)]
+    reuse_port: bool,
+
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -82,7 +87,7 @@ fn main() -> ExitCode {
         }
     };
     let config = ProxyConfig {
-        server: args.server.to_config(args.port),
+        server: common::server::ServerConfig { reuse_port: args.reuse_port, ..args.server.to_config(args.port) },
         origin,
         cache: CacheConfig {
             policy: match args.cache_type {
