@@ -83,7 +83,10 @@ mod tests {
         assert_eq!(purge(r#"{"status":"OK","data":{"purged":true}}"#), Some(true));
         assert_eq!(purge(r#"{"status":"OK","data":{"purged":false,"note":"true"}}"#), Some(false));
         assert_eq!(purge(r#"{"status":"WRONG_METHOD","data":{"purged":true}}"#), Some(false));
-        assert!(matches!(interpret(Purpose::Poll, br#"{"status":"OK","data":{"hits":3}}"#), Some(Heard::Poll(Some(_)))));
+        assert!(matches!(
+            interpret(Purpose::Poll, br#"{"status":"OK","data":{"hits":3}}"#),
+            Some(Heard::Poll(Some(_)))
+        ));
         let mut line = Vec::new();
         request_line(Purpose::Purge(3), "a/b", &mut line);
         assert_eq!(line, b"PURGE a/b\n");

@@ -121,8 +121,7 @@ impl<T> Purges<T> {
             return None;
         }
         let f = self.running.remove(fan_out);
-        let outcome =
-            if f.short { Outcome::Overloaded } else { Outcome::Ok { purged: f.purged, proxies: f.answered } };
+        let outcome = if f.short { Outcome::Overloaded } else { Outcome::Ok { purged: f.purged, proxies: f.answered } };
         Some((f.job, outcome))
     }
 

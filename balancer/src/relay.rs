@@ -61,9 +61,8 @@ mod tests {
             value.clone().prop_map(|v| format!("\"data\":{v}")),
             value.prop_map(|v| format!("\"other\" : {v}")),
         ];
-        (prop::collection::vec(member, 0..6), "[ ]{0,2}", "[ x}]{0,2}").prop_map(|(members, pad, tail)| {
-            format!("{pad}{{{}}}{tail}", members.join(",")).into_bytes()
-        })
+        (prop::collection::vec(member, 0..6), "[ ]{0,2}", "[ x}]{0,2}")
+            .prop_map(|(members, pad, tail)| format!("{pad}{{{}}}{tail}", members.join(",")).into_bytes())
     }
 
     proptest! {

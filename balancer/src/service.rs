@@ -309,7 +309,8 @@ impl Balancer {
             Route::Open(kind) => {
                 let entry = self.conns.vacant_entry();
                 let conn = entry.key();
-                let up = Upstream::connect(b.addr, ctx.registry(), conn_token(conn)).map_err(|e| connect_failure(&e))?;
+                let up =
+                    Upstream::connect(b.addr, ctx.registry(), conn_token(conn)).map_err(|e| connect_failure(&e))?;
                 entry.insert(UpConn { up, backend, kind, answered: 0, dirty: false });
                 b.pool.opened(conn, kind);
                 (conn, None)
@@ -355,7 +356,8 @@ impl Balancer {
         self.core.backends[c.backend].pool.closed(conn);
         let received = c.up.received_bytes();
         for a in self.core.book.conn_lost(conn) {
-            let closed_while_idle = matches!(failure, Failure::Closed | Failure::Reset) && a.reused_at == Some(received);
+            let closed_while_idle =
+                matches!(failure, Failure::Closed | Failure::Reset) && a.reused_at == Some(received);
             if !closed_while_idle {
                 self.fail(ctx, a, failure);
                 continue;
@@ -418,7 +420,13 @@ impl Balancer {
 
     // ---- Probes, METRICS polls and PURGE fan-out: one-shot exchanges ----
 
-    fn start_exchange(&mut self, ctx: &mut Ctx<Timer>, backend: usize, purpose: Purpose, key: &str) -> Result<(), Failure> {
+    fn start_exchange(
+        &mut self,
+        ctx: &mut Ctx<Timer>,
+        backend: usize,
+        purpose: Purpose,
+        key: &str,
+    ) -> Result<(), Failure> {
         let entry = self.exchanges.vacant_entry();
         let index = entry.key();
         let addr = self.core.backends[backend].addr;
@@ -500,7 +508,11 @@ impl Balancer {
                 core.collapser.finished(key_hash, leader);
             }
         }
-        let job = Job { ticket: ctx.defer(client, id.is_none()), key: key.to_owned(), client_id: id.map(|id| id.as_json().into()) };
+        let job = Job {
+            ticket: ctx.defer(client, id.is_none()),
+            key: key.to_owned(),
+            client_id: id.map(|id| id.as_json().into()),
+        };
         match core.purges.submit(job) {
             Admit::Start(job) => self.launch_purge(ctx, job),
             Admit::Queued => {}
@@ -583,7 +595,8 @@ impl Service for Balancer {
                 let common = ctx.common_metrics("balancer");
                 let strategy = core.router.kind().name();
                 let latency = core.latency_us.summary();
-                let data = MetricsData::new(common, strategy, core.counters, core.requests.len(), latency, &core.backends);
+                let data =
+                    MetricsData::new(common, strategy, core.counters, core.requests.len(), latency, &core.backends);
                 ctx.reply_value(client, id, &data);
             }
             Op::Health => ctx.reply_health(client, id, "balancer"),
@@ -606,7 +619,8 @@ impl Service for Balancer {
             }
             Timer::PollMetrics(backend) => {
                 ctx.schedule(ctx.now() + self.core.config.metrics_interval, Timer::PollMetrics(backend));
-                if !self.core.backends[backend].polling && self.start_exchange(ctx, backend, Purpose::Poll, "").is_ok() {
+                if !self.core.backends[backend].polling && self.start_exchange(ctx, backend, Purpose::Poll, "").is_ok()
+                {
                     self.core.backends[backend].polling = true;
                 }
             }
