@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -385,4 +385,23 @@ mod relay_property {
             })
             .clone()
     }
+}
+
+#[test]
+fn the_collapse_flag_takes_on_or_off() {
+    let origin = start_origin(Duration::ZERO);
+    let proxy = start_proxy(origin.addr(), |_| {});
+    let bin = workspace_bin("balancer").unwrap();
+    let proxy_addr = proxy.addr().to_string();
+    for value in ["on", "off"] {
+        let args = ["--port", "0", "--collapse", value, "--try-timeout-ms", "500", "--proxies", &proxy_addr];
+        let lb = ChildService::spawn(bin.to_str().unwrap(), &args).unwrap();
+        assert_eq!(LineClient::connect(lb.addr()).unwrap().request("GET synthetic/1").unwrap()["status"], "OK");
+    }
+    let status = std::process::Command::new(&bin)
+        .args(["--collapse", "maybe", "--proxies", &proxy_addr])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success());
 }
