@@ -1,10 +1,20 @@
 //! One-shot exchanges with a proxy, each on its own short connection: a HEALTH probe, a
 //! METRICS poll, one proxy's share of a PURGE fan-out. What each asks and how its answer
-//! reads; the service does the I/O.
+//! reads (plain functions), and the slab of their connections (I/O only).
 
+use common::framing::Frame;
 use common::protocol::{parse_answer, write_text_request, Status};
+use common::timers::TimerKey;
+use common::upstream::{Progress, Upstream};
+use mio::{Registry, Token};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use slab::Slab;
+
+use crate::failure::Failure;
+
+/// Longest answer line accepted from a proxy.
+pub const MAX_ANSWER: usize = 16 * 1024 * 1024 + 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Purpose {
@@ -60,6 +70,70 @@ pub fn interpret(purpose: Purpose, line: &[u8]) -> Option<Heard> {
             Heard::Purge { held: data.and_then(|d| serde_json::from_str::<Purged>(d).ok()).is_some_and(|p| p.purged) }
         }
     })
+}
+
+pub struct Exchange {
+    up: Upstream,
+    pub backend: usize,
+    pub purpose: Purpose,
+    pub timer: Option<TimerKey>,
+}
+
+/// The exchanges under way, each on its own connection.
+#[derive(Default)]
+pub struct Exchanges {
+    slab: Slab<Exchange>,
+}
+
+impl Exchanges {
+    /// Connects to `addr` and sends the request for `purpose`; returns the exchange's number.
+    pub fn start(
+        &mut self,
+        registry: &Registry,
+        addr: std::net::SocketAddr,
+        (backend, purpose, key): (usize, Purpose, &str),
+        token: impl Fn(usize) -> Token,
+    ) -> Result<usize, Failure> {
+        let entry = self.slab.vacant_entry();
+        let index = entry.key();
+        let mut up = Upstream::connect(addr, registry, token(index)).map_err(|e| Failure::of_connect(&e))?;
+        let mut line = Vec::new();
+        request_line(purpose, key, &mut line);
+        if up.send(&line).is_err() {
+            up.deregister(registry);
+            return Err(Failure::Reset);
+        }
+        entry.insert(Exchange { up, backend, purpose, timer: None });
+        Ok(index)
+    }
+
+    pub fn set_timer(&mut self, index: usize, timer: TimerKey) {
+        if let Some(x) = self.slab.get_mut(index) {
+            x.timer = Some(timer);
+        }
+    }
+
+    /// Handles readiness: `None` while the answer is still to come, else what was heard
+    /// (`Some(None)`: no well-formed answer).
+    pub fn on_event(&mut self, index: usize) -> Option<Option<Heard>> {
+        let x = self.slab.get_mut(index)?;
+        match x.up.on_ready(MAX_ANSWER) {
+            Ok(Progress::Connecting) => None,
+            Ok(Progress::Ready) => match x.up.frame(MAX_ANSWER) {
+                Frame::Line(line, _) => Some(interpret(x.purpose, line)),
+                Frame::Incomplete if !x.up.is_eof() => None,
+                _ => Some(None),
+            },
+            Err(_) => Some(None),
+        }
+    }
+
+    /// Ends exchange `index`, closing its connection.
+    pub fn finish(&mut self, registry: &Registry, index: usize) -> Option<Exchange> {
+        let mut x = self.slab.try_remove(index)?;
+        x.up.deregister(registry);
+        Some(x)
+    }
 }
 
 #[cfg(test)]

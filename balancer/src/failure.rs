@@ -23,6 +23,15 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// What a failed `connect` call means.
+    pub fn of_connect(e: &std::io::Error) -> Failure {
+        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            Failure::Refused
+        } else {
+            Failure::CannotConnect
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Failure::Refused => "connection refused",

@@ -8,6 +8,8 @@ pub mod collapse;
 pub mod exchange;
 pub mod failure;
 pub mod health;
+pub mod inflight;
+pub mod links;
 pub mod metrics;
 pub mod pool;
 pub mod purge;
