@@ -65,8 +65,89 @@ mod tests {
             .prop_map(|(members, pad, tail)| format!("{pad}{{{}}}{tail}", members.join(",")).into_bytes())
     }
 
+    /// Arbitrary JSON values (serialized by serde, so valid), wrapped as answers, with
+    /// blanks and escapes.
+    fn json_values() -> impl Strategy<Value = Vec<u8>> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| serde_json::json!(f)),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            ".{0,8}".prop_map(Value::String),
+        ];
+        let value = leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z\\\"]{0,3}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        (value, any::<bool>()).prop_map(|(v, pretty)| {
+            let answer = serde_json::json!({"status": "OK", "data": v, "id": 7});
+            if pretty {
+                serde_json::to_vec_pretty(&answer).unwrap_or_default().into_iter().filter(|b| *b != b'\n').collect()
+            } else {
+                serde_json::to_vec(&answer).unwrap_or_default()
+            }
+        })
+    }
+
+    /// Answers whose `data` is a random run of JSON tokens, near-misses included.
+    fn token_soup() -> impl Strategy<Value = Vec<u8>> {
+        let token = prop::sample::select(vec![
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            " ",
+            "\"a\"",
+            "\"\\\\\"",
+            "\"\\u00e9\"",
+            "\"\\x\"",
+            "\"\t\"",
+            "0",
+            "01",
+            "-",
+            "-0",
+            "1.",
+            ".5",
+            "1.5",
+            "1e",
+            "1e+2",
+            "2E-3",
+            "true",
+            "tru",
+            "null",
+            "nul",
+            "\"",
+            "\\",
+        ]);
+        (prop::collection::vec(token, 0..12), any::<bool>()).prop_map(|(tokens, wrap)| {
+            let data = tokens.concat();
+            let line = if wrap { format!("{{\"status\":\"OK\",\"data\":{data},\"id\":3}}") } else { data };
+            line.into_bytes()
+        })
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// The hit path's own JSON checker agrees with serde (lone surrogate escapes aside,
+        /// which it refuses and serde lets through).
+        #[test]
+        fn the_answer_checker_agrees_with_serde(
+            line in prop_oneof![answer_like(), prop::collection::vec(any::<u8>(), 0..64), json_values(), token_soup()],
+        ) {
+            let fast = common::protocol::parse_answer(&line);
+            let reference = common::protocol::parse_answer_with_serde(&line);
+            if !line.windows(2).any(|w| w == b"\\u") {
+                prop_assert_eq!(fast, reference, "{:?}", String::from_utf8_lossy(&line));
+            } else if fast.is_ok() {
+                prop_assert_eq!(fast, reference);
+            }
+        }
 
         #[test]
         fn any_bytes_relay_as_one_json_line_with_the_clients_id_or_fail(
