@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::health::HealthState;
+use crate::pool::Pool;
 use crate::strategy::{fnv1a, Candidate};
 use crate::BalancerConfig;
 
@@ -32,10 +33,8 @@ pub struct Backend {
     pub in_flight: usize,
     pub forwarded: u64,
     pub failures: u64,
-    /// The multiplexed connection, when capable and open.
-    pub mux: Option<usize>,
-    /// Idle single-request connections.
-    pub idle: Vec<usize>,
+    /// Its connections for GETs.
+    pub pool: Pool,
     pub probing: bool,
     pub polling: bool,
     /// The `data` of its last successful METRICS poll.
@@ -54,8 +53,7 @@ impl Backend {
             in_flight: 0,
             forwarded: 0,
             failures: 0,
-            mux: None,
-            idle: Vec::new(),
+            pool: Pool::default(),
             probing: false,
             polling: false,
             metrics: None,

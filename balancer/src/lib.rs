@@ -2,11 +2,21 @@
 //! over the healthy proxies, retries failures on another proxy, checks health with
 //! timer-driven probes, polls the proxies' METRICS, and fans PURGE out to all of them.
 
+pub mod attempts;
 pub mod backend;
+pub mod collapse;
 pub mod dashboard;
+pub mod exchange;
+pub mod failure;
 pub mod health;
 pub mod history;
+pub mod inflight;
+pub mod links;
+pub mod metrics;
+pub mod pool;
+pub mod purge;
 pub mod relay;
+pub mod request;
 pub mod service;
 pub mod strategy;
 
@@ -31,17 +41,22 @@ pub struct BalancerConfig {
     pub rise: u32,
     pub metrics_interval: Duration,
     pub retries: u32,
-    /// The longest a client waits for a GET, all attempts together.
+    /// The longest one attempt of a GET waits for its answer (`--request-timeout-ms`); also
+    /// the deadline of a PURGE's fan-out.
     pub request_timeout: Duration,
-    /// The longest one attempt waits before the next proxy is tried.
+    /// The longest one attempt waits before the next proxy is tried: `request_timeout` unless
+    /// overridden. Slow is not dead (SPEC 3.6): a hung proxy is caught by its probes, and its
+    /// GETs are retried as soon as it is marked down.
     pub try_timeout: Duration,
     pub max_pending: usize,
+    /// Request collapsing (`--collapse on|off`).
+    pub collapse: bool,
 }
 
 impl BalancerConfig {
     /// The defaults of the `balancer` binary over `proxies`.
     pub fn new(proxies: &[SocketAddr]) -> Self {
-        let mut config = BalancerConfig {
+        BalancerConfig {
             server: ServerConfig::default(),
             proxies: proxies.iter().map(|a| (a.to_string(), *a)).collect(),
             strategy: Strategy::RoundRobin,
@@ -52,18 +67,11 @@ impl BalancerConfig {
             metrics_interval: Duration::from_millis(2000),
             retries: 2,
             request_timeout: Duration::from_millis(3000),
-            try_timeout: Duration::ZERO,
+            try_timeout: Duration::from_millis(3000),
             max_pending: 10_000,
-        };
-        config.try_timeout = default_try_timeout(config.request_timeout, config.retries);
-        config
+            collapse: true,
+        }
     }
-}
-
-/// Each attempt gets an equal share of the request timeout, so that a proxy that hangs is
-/// retried elsewhere and the client still has its answer within `--request-timeout-ms`.
-pub fn default_try_timeout(request_timeout: Duration, retries: u32) -> Duration {
-    request_timeout / (retries + 1)
 }
 
 /// Resolves `host:port` strings once, at start-up.

@@ -15,6 +15,12 @@ enum StrategyName {
     ConsistentHash,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 /// Load balancer in front of the caching proxies.
 #[derive(Parser, Debug)]
 #[command(name = "balancer", version, about)]
@@ -55,14 +61,17 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     retries: u32,
 
-    /// The longest a client waits for a GET, all attempts included.
+    /// The longest one attempt of a GET waits for its answer before another proxy is tried.
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
     request_timeout_ms: u64,
 
-    /// The longest one attempt waits before the next proxy is tried
-    /// [default: request timeout / (retries + 1)].
+    /// Overrides the per-attempt deadline [default: --request-timeout-ms].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     try_timeout_ms: Option<u64>,
+
+    /// Request collapsing: GETs for a key already on its way to a proxy wait for its answer.
+    #[arg(long, value_enum, default_value = "on")]
+    collapse: OnOff,
 
     /// bounded load for consistent_hash: a proxy takes a key only while its in-flight count is
     /// below ceil(factor × (total in flight + 1) / healthy proxies).
@@ -112,11 +121,9 @@ fn main() -> ExitCode {
         metrics_interval: Duration::from_millis(args.metrics_interval_ms),
         retries: args.retries,
         request_timeout,
-        try_timeout: args
-            .try_timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or_else(|| balancer::default_try_timeout(request_timeout, args.retries)),
+        try_timeout: args.try_timeout_ms.map_or(request_timeout, Duration::from_millis),
         max_pending: args.max_pending,
+        collapse: matches!(args.collapse, OnOff::On),
     };
     common::cli::exit_status("balancer", balancer::run(config))
 }

@@ -1,158 +1,170 @@
-//! Passing a proxy's answer on to the client (SPEC 2.3: unchanged, with the client's `id`).
-//!
-//! On a multiplexed connection the balancer tags requests with its own numeric ids. This
-//! project's proxies write `id` as the last member, so an answer ends in `,"id":N}` and the
-//! relay is a copy of everything before that plus the client's id: no JSON parsing on the hit
-//! path. An answer shaped otherwise (another implementation) goes through a full parse.
+//! Reading a proxy's answer for the client it belongs to (SPEC 2.3, 3.6): the proxy's own
+//! `id` (our tag) is cut out and the client's put in its place, byte for byte as the client
+//! wrote it; every other byte is passed through unchanged. Anything that is not one
+//! well-formed answer is a [`Failure::Garbage`] — the attempt is retried — so a client only
+//! ever receives one valid JSON object per line.
 
-use serde_json::{Map, Value};
+use common::protocol::{parse_answer, Answer};
 
-const ID_MEMBER: &[u8] = b",\"id\":";
+use crate::failure::Failure;
 
-/// A proxy answer to a request tagged with a balancer id.
-#[derive(Debug, PartialEq)]
-pub enum Tagged<'a> {
-    /// `body` is the answer without its trailing `,"id":N}`.
-    Fast { id: u64, body: &'a [u8] },
-    /// Parsed, because the id was not the last member; the `id` member is already removed.
-    Parsed { id: u64, object: Map<String, Value> },
-}
-
-impl Tagged<'_> {
-    pub fn id(&self) -> u64 {
-        match self {
-            Tagged::Fast { id, .. } | Tagged::Parsed { id, .. } => *id,
-        }
+/// A checked answer from a proxy connection, and the tag it carried (on a multiplexed
+/// connection, where one is required).
+pub fn read_answer(line: &[u8], multiplexed: bool) -> Result<(Option<u64>, Answer<'_>), Failure> {
+    let answer = parse_answer(line).map_err(|_| Failure::Garbage)?;
+    if !multiplexed {
+        // A text-form request has no id; whatever id a simple proxy wrote is cut out.
+        return Ok((None, answer));
     }
-}
-
-/// Reads the balancer id of an answer line (without its newline). `None` for a line that is
-/// not a JSON object with a non-negative integer `id`.
-pub fn parse_tagged(line: &[u8]) -> Option<Tagged<'_>> {
-    if let Some((id, body)) = trailing_id(line) {
-        return Some(Tagged::Fast { id, body });
-    }
-    let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(line) else { return None };
-    // `shift_remove` keeps the other members in the order the proxy wrote them.
-    let id = object.shift_remove("id")?.as_u64()?;
-    Some(Tagged::Parsed { id, object })
-}
-
-/// `…,"id":123}` → (123, `…`).
-fn trailing_id(line: &[u8]) -> Option<(u64, &[u8])> {
-    let inner = line.strip_suffix(b"}")?;
-    let digits = inner.iter().rev().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 || digits > 19 {
-        return None;
-    }
-    let (head, number) = inner.split_at(inner.len() - digits);
-    let body = head.strip_suffix(ID_MEMBER)?;
-    if !body.starts_with(b"{") {
-        return None;
-    }
-    let id = std::str::from_utf8(number).ok()?.parse().ok()?;
-    Some((id, body))
-}
-
-/// Writes a tagged answer for the client: the balancer's id removed, the client's (raw JSON
-/// text, as the client wrote it) put in its place if it had one, and the newline.
-pub fn write_tagged(answer: &Tagged<'_>, client_id: Option<&str>, out: &mut Vec<u8>) {
-    match answer {
-        Tagged::Fast { body, .. } => close_object(body, client_id, out),
-        Tagged::Parsed { object, .. } => {
-            let mut object = object.clone();
-            if let Some(raw) = client_id {
-                if let Ok(value) = serde_json::from_str::<Value>(raw) {
-                    object.insert("id".into(), value);
-                }
-            }
-            common::protocol::write_json_value(out, &Value::Object(object));
-            out.push(b'\n');
-        }
-    }
-}
-
-/// Checks that an untagged answer (from a text-form request) is one JSON object, and returns
-/// it without its closing brace, ready for [`close_object`] to add a client's id. `None` for
-/// anything else.
-pub fn untagged_body(line: &[u8]) -> Option<&[u8]> {
-    let body = line.strip_suffix(b"}").filter(|b| b.starts_with(b"{"))?;
-    serde_json::from_slice::<serde::de::IgnoredAny>(line).ok()?;
-    Some(body)
-}
-
-/// Writes an untagged answer with the client's id added. `None` if the line is not a JSON
-/// object.
-pub fn write_untagged(line: &[u8], client_id: Option<&str>, out: &mut Vec<u8>) -> Option<()> {
-    close_object(untagged_body(line)?, client_id, out);
-    Some(())
-}
-
-/// `body` is an object missing its closing brace.
-pub fn close_object(body: &[u8], client_id: Option<&str>, out: &mut Vec<u8>) {
-    out.extend_from_slice(body);
-    if let Some(raw) = client_id {
-        out.extend_from_slice(ID_MEMBER);
-        out.extend_from_slice(raw.as_bytes());
-    }
-    out.extend_from_slice(b"}\n");
+    let tag = answer.tag().ok_or(Failure::Garbage)?;
+    Ok((Some(tag), answer))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
 
-    fn relay(line: &str, client_id: Option<&str>) -> (u64, String) {
-        let tagged = parse_tagged(line.as_bytes()).unwrap();
+    /// The client ids the property is checked with: each must come back byte for byte.
+    const CLIENT_IDS: [&str; 5] = ["123456789012345678901234567890", "1.10", "\"a\\\"b\\u00e9\\n\"", "-0", "7"];
+
+    fn check(line: &[u8], multiplexed: bool, client_id: Option<&str>) {
+        let Ok((_, answer)) = read_answer(line, multiplexed) else { return };
         let mut out = Vec::new();
-        write_tagged(&tagged, client_id, &mut out);
-        (tagged.id(), String::from_utf8(out).unwrap())
+        answer.write_with_id(&mut out, client_id);
+        assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1, "one line");
+        assert_eq!(out.last(), Some(&b'\n'));
+        let text = std::str::from_utf8(&out).expect("UTF-8");
+        let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert!(value.is_object() && value["status"].is_string(), "{text}");
+        match client_id {
+            Some(id) => assert!(text.ends_with(&format!("\"id\":{id}}}\n")), "{text}"),
+            None => assert!(value.get("id").is_none(), "{text}"),
+        }
     }
 
-    #[test]
-    fn the_fast_path_swaps_the_trailing_id() {
-        let line = r#"{"status":"OK","data":{"id":5,"x":"a,\"id\":9}"},"cache_hit":true,"node":8001,"id":42}"#;
-        assert!(matches!(parse_tagged(line.as_bytes()), Some(Tagged::Fast { id: 42, .. })));
-        let (id, out) = relay(line, None);
-        assert_eq!(id, 42);
-        assert_eq!(
-            out,
-            "{\"status\":\"OK\",\"data\":{\"id\":5,\"x\":\"a,\\\"id\\\":9}\"},\"cache_hit\":true,\"node\":8001}\n"
-        );
-        let (_, out) = relay(line, Some("\"client-7\""));
-        assert!(out.ends_with(",\"node\":8001,\"id\":\"client-7\"}\n"), "{out}");
-        let v: Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(v["data"]["id"], 5);
+    /// Answer-like lines: members in any order, the tag anywhere (or twice, or missing), odd
+    /// values, and junk around it.
+    fn answer_like() -> impl Strategy<Value = Vec<u8>> {
+        let value = prop_oneof![
+            Just("1.10".to_string()),
+            Just("123456789012345678901234567890".to_string()),
+            Just("\"x\\\"y\\\\\"".to_string()),
+            Just("{\"id\":3,\"a\":[1,{}]}".to_string()),
+            Just("null".to_string()),
+            "[a-z0-9\" ,:{}\\[\\]\\\\]{0,12}".prop_map(|s| s),
+        ];
+        let member = prop_oneof![
+            Just("\"status\":\"OK\"".to_string()),
+            (0u64..50).prop_map(|n| format!("\"id\":{n}")),
+            value.clone().prop_map(|v| format!("\"data\":{v}")),
+            value.prop_map(|v| format!("\"other\" : {v}")),
+        ];
+        (prop::collection::vec(member, 0..6), "[ ]{0,2}", "[ x}]{0,2}")
+            .prop_map(|(members, pad, tail)| format!("{pad}{{{}}}{tail}", members.join(",")).into_bytes())
     }
 
-    #[test]
-    fn an_id_elsewhere_takes_the_parsing_path() {
-        let line = r#"{"id":7,"status":"NOT_FOUND","data":null}"#;
-        assert!(matches!(parse_tagged(line.as_bytes()), Some(Tagged::Parsed { id: 7, .. })));
-        let (id, out) = relay(line, Some("1.5"));
-        assert_eq!(id, 7);
-        let v: Value = serde_json::from_str(&out).unwrap();
-        assert_eq!((v["status"].as_str(), v["id"].as_f64()), (Some("NOT_FOUND"), Some(1.5)));
-        let (_, out) = relay(line, None);
-        assert_eq!(out, "{\"status\":\"NOT_FOUND\",\"data\":null}\n");
+    /// Arbitrary JSON values (serialized by serde, so valid), wrapped as answers, with
+    /// blanks and escapes.
+    fn json_values() -> impl Strategy<Value = Vec<u8>> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| serde_json::json!(f)),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            ".{0,8}".prop_map(Value::String),
+        ];
+        let value = leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z\\\"]{0,3}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        (value, any::<bool>()).prop_map(|(v, pretty)| {
+            let answer = serde_json::json!({"status": "OK", "data": v, "id": 7});
+            if pretty {
+                serde_json::to_vec_pretty(&answer).unwrap_or_default().into_iter().filter(|b| *b != b'\n').collect()
+            } else {
+                serde_json::to_vec(&answer).unwrap_or_default()
+            }
+        })
     }
 
-    #[test]
-    fn answers_without_a_usable_id_are_rejected() {
-        for line in [r#"{"status":"OK","data":1}"#, r#"{"status":"OK","id":"x"}"#, "garbage", "", r#"{"id":-1}"#, "}"] {
-            assert_eq!(parse_tagged(line.as_bytes()), None, "{line}");
+    /// Answers whose `data` is a random run of JSON tokens, near-misses included.
+    fn token_soup() -> impl Strategy<Value = Vec<u8>> {
+        let token = prop::sample::select(vec![
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            " ",
+            "\"a\"",
+            "\"\\\\\"",
+            "\"\\u00e9\"",
+            "\"\\x\"",
+            "\"\t\"",
+            "0",
+            "01",
+            "-",
+            "-0",
+            "1.",
+            ".5",
+            "1.5",
+            "1e",
+            "1e+2",
+            "2E-3",
+            "true",
+            "tru",
+            "null",
+            "nul",
+            "\"",
+            "\\",
+        ]);
+        (prop::collection::vec(token, 0..12), any::<bool>()).prop_map(|(tokens, wrap)| {
+            let data = tokens.concat();
+            let line = if wrap { format!("{{\"status\":\"OK\",\"data\":{data},\"id\":3}}") } else { data };
+            line.into_bytes()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// The hit path's own JSON checker agrees with serde (lone surrogate escapes aside,
+        /// which it refuses and serde lets through).
+        #[test]
+        fn the_answer_checker_agrees_with_serde(
+            line in prop_oneof![answer_like(), prop::collection::vec(any::<u8>(), 0..64), json_values(), token_soup()],
+        ) {
+            let fast = common::protocol::parse_answer(&line);
+            let reference = common::protocol::parse_answer_with_serde(&line);
+            if !line.windows(2).any(|w| w == b"\\u") {
+                prop_assert_eq!(fast, reference, "{:?}", String::from_utf8_lossy(&line));
+            } else if fast.is_ok() {
+                prop_assert_eq!(fast, reference);
+            }
+        }
+
+        #[test]
+        fn any_bytes_relay_as_one_json_line_with_the_clients_id_or_fail(
+            line in prop_oneof![answer_like(), prop::collection::vec(any::<u8>(), 0..64)],
+            which in 0usize..6,
+            multiplexed in any::<bool>(),
+        ) {
+            check(&line, multiplexed, CLIENT_IDS.get(which).copied());
         }
     }
 
     #[test]
-    fn untagged_answers_get_the_client_id() {
-        let mut out = Vec::new();
-        write_untagged(br#"{"status":"OK","data":[1]}"#, Some("3"), &mut out).unwrap();
-        assert_eq!(out, b"{\"status\":\"OK\",\"data\":[1],\"id\":3}\n");
-        out.clear();
-        write_untagged(br#"{"status":"OK","data":[1]}"#, None, &mut out).unwrap();
-        assert_eq!(out, b"{\"status\":\"OK\",\"data\":[1]}\n");
-        assert!(write_untagged(b"HTTP/1.1 200 OK", None, &mut out).is_none());
-        assert!(write_untagged(b"[1]", None, &mut out).is_none());
+    fn a_multiplexed_answer_needs_our_tag() {
+        assert_eq!(read_answer(br#"{"status":"OK","data":1}"#, true).err(), Some(Failure::Garbage));
+        assert_eq!(read_answer(br#"{"status":"OK","id":"x"}"#, true).err(), Some(Failure::Garbage));
+        assert_eq!(read_answer(br#"{"status":"OK","id":5}"#, true).map(|(t, _)| t), Ok(Some(5)));
+        assert_eq!(read_answer(br#"{"status":"OK","id":5}"#, false).map(|(t, _)| t), Ok(None));
+        assert_eq!(read_answer(b"garbage,\"id\":5}", true).err(), Some(Failure::Garbage));
     }
 }

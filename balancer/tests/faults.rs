@@ -118,3 +118,69 @@ fn a_killed_proxy_restarted_on_its_port_is_healthy_again_after_rise_probes() {
     assert!(nodes.contains(&u64::from(port)), "{nodes:?}");
     drop(restarted);
 }
+
+#[test]
+fn a_sigstopped_proxy_under_load_fails_no_request_and_its_gets_are_redispatched_when_marked_down() {
+    let origin = start_origin();
+    let proxies: Vec<ChildService> = (0..3).map(|_| spawn_proxy(origin.addr(), 0)).collect();
+    let addrs: Vec<SocketAddr> = proxies.iter().map(ChildService::addr).collect();
+    let mut config = BalancerConfig::new(&addrs);
+    config.health_interval = Duration::from_millis(100);
+    config.health_timeout = Duration::from_millis(100);
+    // The default 3 s per attempt: GETs stuck on the stopped proxy are rescued by its being
+    // marked down (three failed probes), not by their time-out.
+    let balancer = RunningServer::start(balancer::bind(config).unwrap());
+    let addr = balancer.addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|t| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut c = LineClient::connect(addr).unwrap();
+                let mut answers = Vec::new();
+                for i in 0..4000 {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
+                    let started = Instant::now();
+                    let answer = c.request(&format!("GET synthetic/{}", (t * 4000 + i) % 1000)).unwrap();
+                    answers.push((answer, started, started.elapsed()));
+                }
+                answers
+            })
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || metrics(addr).unwrap()["current_index"].as_u64() >= Some(300)));
+    proxies[0].signal("STOP").unwrap();
+    let stopped_at = Instant::now();
+    assert!(wait_until(Duration::from_secs(5), || healthy(addr, addrs[0]) == Some(false)));
+    let marked_down_after = stopped_at.elapsed();
+    // Keep the load on a little longer, then stop it.
+    let resumed = Instant::now();
+    assert!(wait_until(Duration::from_secs(10), || {
+        metrics(addr).unwrap()["current_index"].as_u64() >= Some(300) && resumed.elapsed() > Duration::from_millis(300)
+    }));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answers: Vec<(Value, Instant, Duration)> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    let failed: Vec<&Value> = answers.iter().map(|(a, _, _)| a).filter(|a| a["status"] != "OK").collect();
+    assert!(failed.is_empty(), "{} of {} failed, e.g. {:?}", failed.len(), answers.len(), failed.first());
+    // The GETs caught on the stopped proxy: sent before it was marked down, answered after.
+    let caught: Vec<Duration> = answers
+        .iter()
+        .filter(|(_, started, took)| {
+            *started < stopped_at + marked_down_after && *started + *took > stopped_at + marked_down_after
+        })
+        .map(|(_, _, took)| *took)
+        .collect();
+    let slowest = answers.iter().map(|(_, _, took)| *took).max().unwrap_or_default();
+    eprintln!(
+        "SIGSTOP under load: {} GETs, 0 failed; marked down after {marked_down_after:?}; {} GETs caught on it, slowest answer {slowest:?}",
+        answers.len(),
+        caught.len()
+    );
+    assert!(!caught.is_empty(), "no GET was in flight on the stopped proxy");
+    // Re-dispatched at the mark-down, well before their 3 s time-out.
+    assert!(slowest < Duration::from_millis(2500), "slowest answer {slowest:?}");
+    assert!(metrics(addr).unwrap()["retries"].as_u64() >= Some(1));
+    proxies[0].signal("CONT").unwrap();
+}

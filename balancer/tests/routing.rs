@@ -331,3 +331,62 @@ fn a_herd_of_gets_for_one_cold_key_makes_one_origin_fetch_with_consistent_hash()
     assert!(m["collapsed"].as_u64().unwrap() >= 90, "{m}");
     assert_eq!(m["current_index"].as_u64().unwrap() + m["collapsed"].as_u64().unwrap(), 100);
 }
+
+/// `n` clients GET `key` at the same moment, each with its own id; returns the answers in
+/// client order.
+fn herd(addr: SocketAddr, n: usize, key: &'static str) -> Vec<Value> {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let workers: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let mut c = LineClient::connect(addr).unwrap();
+                barrier.wait();
+                c.request(&format!("{{\"op\":\"get\",\"key\":\"{key}\",\"id\":\"c{i}\"}}")).unwrap()
+            })
+        })
+        .collect();
+    workers.into_iter().map(|w| w.join().unwrap()).collect()
+}
+
+#[test]
+fn with_collapse_off_every_get_goes_upstream_and_bounded_load_spreads_them() {
+    let origin = start_origin(300);
+    let proxies: Vec<RunningServer> = (0..3).map(|_| start_proxy(origin.addr())).collect();
+    let addrs: Vec<SocketAddr> = proxies.iter().map(RunningServer::addr).collect();
+    let balancer = start_balancer(&addrs, |c| {
+        c.strategy = Strategy::ConsistentHash { load_factor: 1.25 };
+        c.collapse = false;
+    });
+    let answers = herd(balancer.addr(), 60, "synthetic/9");
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!((answer["status"].as_str(), answer["id"].as_str()), (Some("OK"), Some(format!("c{i}").as_str())));
+    }
+    let m = metrics(balancer.addr()).unwrap();
+    assert_eq!((m["collapsed"].as_u64(), m["current_index"].as_u64()), (Some(0), Some(60)), "{m}");
+    let forwarded: Vec<u64> =
+        addrs.iter().map(|a| m["proxies"][a.to_string()]["forwarded"].as_u64().unwrap()).collect();
+    assert_eq!(forwarded.iter().sum::<u64>(), 60, "{forwarded:?}");
+    assert!(forwarded.iter().filter(|&&f| f > 0).count() >= 2, "bounded load did not spread: {forwarded:?}");
+}
+
+#[test]
+fn collapsed_followers_of_a_large_value_each_get_it_whole_with_their_own_id() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../origin/data");
+    let mut config = origin::OriginConfig::new(data);
+    config.latency = Duration::from_millis(300);
+    config.synthetic = Some(origin::Synthetic { count: 10, value_bytes: 256 * 1024 });
+    let origin = RunningServer::start(origin::bind(config).unwrap());
+    let proxy = start_proxy(origin.addr());
+    let balancer = start_balancer(&[proxy.addr()], |_| {});
+    let answers = herd(balancer.addr(), 200, "synthetic/3");
+    let first = answers[0]["data"].clone();
+    assert!(first.to_string().len() >= 256 * 1024, "a 256 KiB value");
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!((answer["status"].as_str(), answer["id"].as_str()), (Some("OK"), Some(format!("c{i}").as_str())));
+        assert_eq!(answer["data"], first, "client {i} got another value");
+    }
+    let m = metrics(balancer.addr()).unwrap();
+    assert!(m["collapsed"].as_u64() >= Some(150), "{m}");
+    assert_eq!(metrics(origin.addr()).unwrap()["ok"], 1);
+}

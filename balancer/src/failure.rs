@@ -1,0 +1,72 @@
+//! Every way an attempt to a proxy can fail, in one enum: what the retry decision, the
+//! passive health check and the client's error message are made from.
+
+/// Why an attempt (a GET sent to one proxy) got no usable answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The proxy refused the connection: it is not running.
+    Refused,
+    /// No connection could even be started (out of descriptors, say).
+    CannotConnect,
+    /// The connection was reset, or a write to it failed.
+    Reset,
+    /// The proxy closed the connection before answering.
+    Closed,
+    /// An answer line that is not a well-formed answer (or not one we can attribute).
+    Garbage,
+    /// An answer line longer than the balancer accepts.
+    TooLong,
+    /// No answer within the attempt's deadline.
+    TimedOut,
+    /// The proxy was marked down while the attempt waited on it.
+    ProxyDown,
+}
+
+impl Failure {
+    /// What a failed `connect` call means.
+    pub fn of_connect(e: &std::io::Error) -> Failure {
+        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            Failure::Refused
+        } else {
+            Failure::CannotConnect
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Failure::Refused => "connection refused",
+            Failure::CannotConnect => "cannot connect",
+            Failure::Reset => "connection reset",
+            Failure::Closed => "proxy closed the connection",
+            Failure::Garbage => "proxy answered garbage",
+            Failure::TooLong => "proxy answer too long",
+            Failure::TimedOut => "timed out",
+            Failure::ProxyDown => "proxy marked down",
+        }
+    }
+
+    /// Whether it counts against the proxy's passive health. A proxy marked down already
+    /// counted; a local shortage of descriptors is not the proxy's fault.
+    pub fn counts_against_proxy(self) -> bool {
+        !matches!(self, Failure::ProxyDown | Failure::CannotConnect)
+    }
+
+    /// A refused connection marks the proxy down at once (SPEC 3.6).
+    pub fn marks_down_at_once(self) -> bool {
+        self == Failure::Refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_proxys_own_failures_count_against_it() {
+        assert!(Failure::TimedOut.counts_against_proxy());
+        assert!(Failure::Garbage.counts_against_proxy());
+        assert!(!Failure::ProxyDown.counts_against_proxy());
+        assert!(!Failure::CannotConnect.counts_against_proxy());
+        assert!(Failure::Refused.marks_down_at_once() && !Failure::Reset.marks_down_at_once());
+    }
+}

@@ -1,0 +1,193 @@
+//! The GETs in flight and what answers their clients: the requests (with their collapsed
+//! followers), the attempt book, the collapser, the PURGE fan-outs and the counters. It
+//! answers clients through `Ctx` but owns no socket, so an answer line borrowed from a
+//! connection can be relayed through it.
+
+use common::metrics::LatencyHistogram;
+use common::protocol::{encode_ok_value, write_answer_tail, Id, Reply, Status};
+use common::server::{Ctx, Ticket};
+use log::{info, warn};
+use slab::Slab;
+
+use crate::attempts::AttemptBook;
+use crate::backend::Backend;
+use crate::collapse::Collapser;
+use crate::failure::Failure;
+use crate::health::Transition;
+use crate::metrics::Counters;
+use crate::pool::ConnKind;
+use crate::purge::{Job, Outcome, Purges};
+use crate::relay::read_answer;
+use crate::request::Request;
+use crate::service::Timer;
+use crate::strategy::{Candidate, Router};
+use crate::BalancerConfig;
+
+const MAX_SPARE_STRINGS: usize = 4096;
+
+pub struct InFlight {
+    pub config: BalancerConfig,
+    pub backends: Vec<Backend>,
+    pub router: Router,
+    pub candidates: Vec<Candidate>,
+    pub requests: Slab<Request<Ticket>>,
+    pub book: AttemptBook,
+    pub deadline_armed: bool,
+    pub collapser: Collapser,
+    pub purges: Purges<Ticket>,
+    /// Proxies just marked down whose connections are closed at the end of the turn (their
+    /// GETs then go elsewhere at once).
+    pub went_down: Vec<usize>,
+    pub counters: Counters,
+    pub latency_us: LatencyHistogram,
+    /// Spare strings for keys and ids, so that routing a GET allocates nothing.
+    pub spare: Vec<String>,
+    /// Reused for the tail of each shared answer.
+    pub tail: Vec<u8>,
+    /// Client GETs accepted and not yet answered (leaders and followers): `--max-pending`.
+    pub waiting: usize,
+}
+
+impl InFlight {
+    pub fn new(config: BalancerConfig) -> Self {
+        InFlight {
+            router: Router::new(config.strategy),
+            backends: config.proxies.iter().map(|(name, addr)| Backend::new(name, *addr, &config)).collect(),
+            candidates: Vec::new(),
+            requests: Slab::new(),
+            book: AttemptBook::new(config.try_timeout),
+            deadline_armed: false,
+            collapser: Collapser::new(config.collapse),
+            purges: Purges::default(),
+            went_down: Vec::new(),
+            counters: Counters::default(),
+            latency_us: LatencyHistogram::new(),
+            spare: Vec::new(),
+            tail: Vec::new(),
+            waiting: 0,
+            config,
+        }
+    }
+
+    pub fn pooled(&mut self, text: &str) -> String {
+        let mut s = self.spare.pop().unwrap_or_default();
+        s.clear();
+        s.push_str(text);
+        s
+    }
+
+    pub fn recycle(&mut self, s: String) {
+        if self.spare.len() < MAX_SPARE_STRINGS && s.capacity() <= 512 {
+            self.spare.push(s);
+        }
+    }
+
+    /// A request is answered: it leaves the collapser, the count and the string pool.
+    pub fn forget(&mut self, index: usize, r: Request<Ticket>) {
+        self.collapser.finished(r.key_hash, index);
+        self.waiting = self.waiting.saturating_sub(1 + r.followers.len());
+        self.recycle(r.key);
+        self.recycle(r.leader.client_id);
+        for w in r.followers {
+            self.recycle(w.client_id);
+        }
+    }
+
+    /// One answer line on connection `conn`: delivered to the attempt it answers, dropped if
+    /// it answers none sent on this connection, an error if it is no answer at all.
+    pub fn on_answer(&mut self, ctx: &mut Ctx<Timer>, conn: usize, kind: ConnKind, line: &[u8]) -> Result<(), Failure> {
+        let (tag, answer) = read_answer(line, kind == ConnKind::Mux)?;
+        let attempt = match tag {
+            Some(tag) => match self.book.answered(conn, tag) {
+                Some(attempt) => attempt,
+                None => return Ok(()), // unknown, late or foreign: dropped
+            },
+            None => self.book.answered_in_order(conn).ok_or(Failure::Garbage)?,
+        };
+        let b = &mut self.backends[attempt.backend];
+        b.in_flight = b.in_flight.saturating_sub(1);
+        if b.health.is_healthy() {
+            // An answer clears passive failures; only probes bring a down proxy back.
+            b.health.record_success();
+        }
+        let Some(r) = self.requests.try_remove(attempt.request) else { return Ok(()) };
+        if r.followers.is_empty() {
+            // The hit path: two copies into the client's buffer, nothing allocated.
+            ctx.complete(r.leader.ticket, |out| answer.write_with_id(out, r.leader.client_id()));
+        } else {
+            // One body for the leader and its followers, each with its own id.
+            let body = answer.shared_body();
+            for w in r.waiters() {
+                self.tail.clear();
+                write_answer_tail(&mut self.tail, answer.has_members(), w.client_id());
+                ctx.complete_shared(w.ticket, b"", &body, &self.tail);
+            }
+        }
+        for w in r.waiters() {
+            self.latency_us.record(w.received.elapsed());
+        }
+        self.forget(attempt.request, r);
+        Ok(())
+    }
+
+    pub fn give_up(&mut self, ctx: &mut Ctx<Timer>, index: usize) {
+        let Some(r) = self.requests.try_remove(index) else { return };
+        self.counters.errors += 1 + r.followers.len() as u64;
+        let message = r.give_up_message();
+        for w in r.waiters() {
+            let id = w.client_id().and_then(Id::from_raw_json);
+            ctx.complete(w.ticket, |out| Reply::error(Status::ProxyUnreachable, &message).id(id).encode(out));
+            self.latency_us.record(w.received.elapsed());
+        }
+        self.forget(index, r);
+    }
+
+    /// Passive health: a real request to `backend` failed.
+    pub fn note_failure(&mut self, backend: usize, failure: Failure) {
+        if !failure.counts_against_proxy() {
+            return;
+        }
+        let b = &mut self.backends[backend];
+        b.failures += 1;
+        let transition = if failure.marks_down_at_once() { b.health.force_down() } else { b.health.record_failure() };
+        self.transition(backend, transition, failure.describe());
+    }
+
+    pub fn transition(&mut self, backend: usize, transition: Option<Transition>, why: &str) {
+        let name = &self.backends[backend].name;
+        match transition {
+            Some(Transition::WentDown) => {
+                warn!("proxy {name} is DOWN ({why})");
+                self.went_down.push(backend);
+            }
+            Some(Transition::CameUp) => info!("proxy {name} is UP again"),
+            None => {}
+        }
+    }
+
+    pub fn arm_deadline(&mut self, ctx: &mut Ctx<Timer>) {
+        if !self.deadline_armed {
+            if let Some(at) = self.book.next_deadline() {
+                ctx.schedule(at, Timer::AttemptDeadlines);
+                self.deadline_armed = true;
+            }
+        }
+    }
+
+    /// Answers a finished (or refused) PURGE.
+    pub fn answer_purge(&mut self, ctx: &mut Ctx<Timer>, job: Job<Ticket>, outcome: Outcome) {
+        let id = job.client_id.as_deref().and_then(Id::from_raw_json);
+        #[derive(serde::Serialize)]
+        struct PurgeData {
+            purged: usize,
+            proxies: usize,
+        }
+        ctx.complete(job.ticket, |out| match outcome {
+            Outcome::Ok { purged, proxies } => encode_ok_value(out, id, &PurgeData { purged, proxies }),
+            Outcome::Overloaded => {
+                self.counters.errors += 1;
+                Reply::error(Status::Overloaded, "too many PURGEs in flight").id(id).encode(out)
+            }
+        });
+    }
+}
