@@ -4,7 +4,9 @@
 
 pub mod backend;
 pub mod health;
+pub mod membership;
 pub mod relay;
+pub mod resolver;
 pub mod service;
 pub mod strategy;
 
