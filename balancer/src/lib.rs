@@ -12,11 +12,13 @@ pub mod health;
 pub mod history;
 pub mod inflight;
 pub mod links;
+pub mod membership;
 pub mod metrics;
 pub mod pool;
 pub mod purge;
 pub mod relay;
 pub mod request;
+pub mod resolver;
 pub mod service;
 pub mod strategy;
 

@@ -59,6 +59,28 @@ impl std::fmt::Display for Dist {
     }
 }
 
+/// What the generator speaks: this project's line protocol, or memcached's text protocol
+/// (`get KEY`), so that twemproxy over memcached is loaded by the very same generator when
+/// the two are compared (scripts/bench_vs_twemproxy.sh).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Wire {
+    #[default]
+    Line,
+    Memcache,
+}
+
+impl std::str::FromStr for Wire {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Wire, String> {
+        match s {
+            "line" => Ok(Wire::Line),
+            "memcache" => Ok(Wire::Memcache),
+            _ => Err(format!("'{s}' is not line or memcache")),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
     pub addr: SocketAddr,
@@ -79,6 +101,7 @@ pub struct BenchConfig {
     /// proxies' own implementation) and report its hit ratio over the measured phase: the
     /// yardstick for a cluster's hit ratio.
     pub simulate_lru: Option<usize>,
+    pub wire: Wire,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -169,6 +192,75 @@ struct Conn {
     up: Option<Upstream>,
     sent: VecDeque<Instant>,
     reconnect_at: Option<Instant>,
+    memcache: MemcacheAnswer,
+}
+
+/// Where a connection is in reading one memcached answer: `VALUE key flags bytes`, the data
+/// block and `\r\n`, then `END` (no `VALUE` at all is a miss).
+#[derive(Default)]
+struct MemcacheAnswer {
+    /// Bytes of the data block (and its `\r\n`) still to come.
+    block_left: Option<usize>,
+    found: bool,
+}
+
+impl MemcacheAnswer {
+    /// The next complete answer in `up`'s input: `Some(Some(..))` an answer, `Some(None)` a
+    /// line that is not one (an error reply, garbage), `None` not complete yet.
+    fn next(&mut self, up: &mut Upstream) -> Option<Option<Answer<'static>>> {
+        loop {
+            if let Some(left) = self.block_left {
+                let have = up.buffered().min(left);
+                up.consume(have);
+                self.block_left = Some(left - have).filter(|n| *n > 0);
+                if self.block_left.is_some() {
+                    return None;
+                }
+                continue;
+            }
+            let (value_bytes, used) = match up.frame(MAX_ANSWER) {
+                Frame::Line(line, used) => (memcache_line(line), used),
+                _ => return None,
+            };
+            up.consume(used);
+            match value_bytes {
+                MemcacheLine::Value(bytes) => {
+                    self.found = true;
+                    self.block_left = Some(bytes.saturating_add(2));
+                }
+                MemcacheLine::End => {
+                    let status = if std::mem::take(&mut self.found) { "OK" } else { "NOT_FOUND" };
+                    return Some(Some(Answer {
+                        status: Cow::Borrowed(status),
+                        cache_hit: None,
+                        node: None,
+                        _data: IgnoredAny,
+                    }));
+                }
+                MemcacheLine::Other => return Some(None),
+            }
+        }
+    }
+}
+
+enum MemcacheLine {
+    Value(usize),
+    End,
+    Other,
+}
+
+fn memcache_line(line: &[u8]) -> MemcacheLine {
+    if line == b"END" {
+        return MemcacheLine::End;
+    }
+    let mut words = line.split(|b| *b == b' ');
+    if words.next() != Some(b"VALUE") {
+        return MemcacheLine::Other;
+    }
+    match words.nth(2).and_then(|n| std::str::from_utf8(n).ok()).and_then(|n| n.parse().ok()) {
+        Some(bytes) => MemcacheLine::Value(bytes),
+        None => MemcacheLine::Other,
+    }
 }
 
 #[derive(Deserialize)]
@@ -229,6 +321,7 @@ struct KeyPicker {
     keys: usize,
     prefix: String,
     model: Option<LruModel>,
+    wire: Wire,
 }
 
 impl KeyPicker {
@@ -240,10 +333,10 @@ impl KeyPicker {
         if let Some(model) = self.model.as_mut() {
             model.access(&self.prefix, index, measured);
         }
-        out.extend_from_slice(b"GET ");
+        out.extend_from_slice(if self.wire == Wire::Memcache { b"get " } else { b"GET " });
         out.extend_from_slice(self.prefix.as_bytes());
         out.extend_from_slice(itoa::Buffer::new().format(index).as_bytes());
-        out.push(b'\n');
+        out.extend_from_slice(if self.wire == Wire::Memcache { b"\r\n" } else { b"\n" });
     }
 }
 
@@ -262,11 +355,13 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
         keys: config.keys.max(1),
         prefix: config.key_prefix.clone(),
         model: config.simulate_lru.map(LruModel::new),
+        wire: config.wire,
     };
     let mut conns: Vec<Conn> = Vec::with_capacity(connections);
     for i in 0..connections {
         let up = Upstream::connect(config.addr, poll.registry(), Token(i))?;
-        conns.push(Conn { up: Some(up), sent: VecDeque::with_capacity(pipeline), reconnect_at: None });
+        let sent = VecDeque::with_capacity(pipeline);
+        conns.push(Conn { up: Some(up), sent, reconnect_at: None, memcache: MemcacheAnswer::default() });
     }
 
     let started = Instant::now();
@@ -317,8 +412,17 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
             let failed = match up.on_ready(MAX_ANSWER) {
                 Err(_) => true,
                 Ok(_) => {
-                    while let Frame::Line(line, used) = up.frame(MAX_ANSWER) {
-                        let answer = serde_json::from_slice::<Answer>(line).ok();
+                    loop {
+                        let (answer, used) = match config.wire {
+                            Wire::Line => match up.frame(MAX_ANSWER) {
+                                Frame::Line(line, used) => (serde_json::from_slice::<Answer>(line).ok(), used),
+                                _ => break,
+                            },
+                            Wire::Memcache => match conn.memcache.next(up) {
+                                Some(answer) => (answer, 0),
+                                None => break,
+                            },
+                        };
                         if let Some(sent) = conn.sent.pop_front() {
                             let latency = now.saturating_duration_since(sent);
                             if sent >= measure_from {
@@ -408,6 +512,7 @@ fn fail_connection(
     if let Some(mut up) = conn.up.take() {
         up.deregister(registry);
     }
+    conn.memcache = MemcacheAnswer::default();
     for sent in conn.sent.drain(..) {
         if sent >= measure_from {
             measured.connection_errors += 1;

@@ -103,6 +103,11 @@ struct BenchArgs {
     /// Also compute the hit ratio one LRU of N entries would have on the same key sequence.
     #[arg(long, value_name = "N")]
     simulate_lru: Option<usize>,
+
+    /// line (this project's protocol) or memcache (`get KEY`, to load twemproxy or memcached
+    /// with the same generator).
+    #[arg(long, default_value = "line")]
+    wire: bench::Wire,
 }
 
 fn main() -> ExitCode {
@@ -178,6 +183,7 @@ fn run_bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
         seed: args.seed,
         progress: true,
         simulate_lru: args.simulate_lru,
+        wire: args.wire,
     };
     match bench::run(&config) {
         Ok(report) => {

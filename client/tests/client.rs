@@ -82,6 +82,7 @@ fn bench_counts_every_request_and_reports_hits_and_nodes() {
         seed: 7,
         progress: false,
         simulate_lru: Some(20),
+        wire: bench::Wire::Line,
     };
     let report = bench::run(&config).unwrap();
     assert_eq!(report.requests, 3000);
