@@ -3,9 +3,11 @@
 //! metrics building blocks, and a small blocking client for tests and tools.
 
 pub mod cli;
+pub mod fdlimit;
 pub mod framing;
 pub mod logging;
 pub mod metrics;
+pub mod outbuf;
 pub mod protocol;
 pub mod random;
 pub mod server;

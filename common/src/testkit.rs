@@ -443,3 +443,33 @@ pub fn workspace_bin(name: &str) -> io::Result<std::path::PathBuf> {
 pub fn free_port() -> io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// SPEC 3.8 at one tier: sends `count` pipelined `line`s to the service at `addr` (process
+/// `pid`) from a client that never reads, waits until `settled` says every answer the service
+/// will make has completed (up to 20 s), and returns the service's RSS growth in KiB. The
+/// client stays connected until then, so nothing it caused has been freed yet.
+pub fn rss_growth_under_a_non_reading_client(
+    addr: SocketAddr,
+    pid: u32,
+    line: &str,
+    count: usize,
+    mut settled: impl FnMut() -> bool,
+) -> io::Result<u64> {
+    let before = rss_kib(pid).ok_or_else(|| io::Error::other("RSS unreadable: /proc is needed for this test"))?;
+    let mut hog = TcpStream::connect(addr)?;
+    hog.write_all(line.repeat(count).as_bytes())?;
+    if !wait_until(Duration::from_secs(20), &mut settled) {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "the service never settled"));
+    }
+    let after = rss_kib(pid).ok_or_else(|| io::Error::other("RSS unreadable"))?;
+    drop(hog);
+    Ok(after.saturating_sub(before))
+}
+
+/// A data directory holding `big.json`: a JSON string of `bytes` bytes.
+pub fn data_dir_with_big_value(label: &str, bytes: usize) -> std::path::PathBuf {
+    let dir = temp_dir(label);
+    let value = format!("\"{}\"", "x".repeat(bytes.saturating_sub(2)));
+    let _ = std::fs::write(dir.join("big.json"), value);
+    dir
+}
