@@ -59,6 +59,10 @@ pub fn peer_index(token: Token) -> Option<usize> {
 const READ_CHUNK: usize = 64 * 1024;
 /// Reads one connection gets per loop turn before others get their turn.
 const READ_BUDGET: usize = 16;
+/// Request lines one connection gets handled per loop turn before others get their turn: a
+/// client pipelining cheap requests while the kernel keeps taking the answers must not hold
+/// the loop for a million requests (others would wait seconds).
+const LINE_BUDGET: usize = 4096;
 /// How long to wait before accepting again after running out of file descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
@@ -177,6 +181,8 @@ pub struct Ctx<T> {
     draining: bool,
     /// How many clients the descriptor limit leaves room for.
     descriptors: DescriptorBudget,
+    /// Request lines the connection being driven may still have handled this turn.
+    line_budget: usize,
 }
 
 enum LoopTimer<T> {
@@ -587,6 +593,7 @@ impl<S: Service> Server<S> {
                 spare: Vec::new(),
                 draining: false,
                 descriptors: DescriptorBudget::measure(config_fd_reserve),
+                line_budget: LINE_BUDGET,
             },
             service,
         })
@@ -832,6 +839,7 @@ impl<S: Service> Server<S> {
     /// until the socket is empty, the limits pause it, or its read budget is spent.
     fn drive(&mut self, index: usize) {
         let mut reads = 0;
+        self.ctx.line_budget = LINE_BUDGET;
         loop {
             let config = &self.ctx.config;
             let c = &mut self.ctx.clients[index];
@@ -863,6 +871,11 @@ impl<S: Service> Server<S> {
                 }
             }
             if c.over_limits(config) {
+                return self.update_interest(index);
+            }
+            if self.ctx.line_budget == 0 {
+                let serial = c.serial;
+                self.again.push(ClientId { index, serial });
                 return self.update_interest(index);
             }
             if !c.carry.is_empty() && memchr::memchr(b'\n', &c.carry).is_some() {
@@ -984,12 +997,13 @@ fn dispatch<S: Service>(service: &mut S, ctx: &mut Ctx<S::Timer>, index: usize, 
     let mut used = 0;
     loop {
         let c = &ctx.clients[index];
-        if c.closing || c.over_limits(&ctx.config) {
+        if c.closing || c.over_limits(&ctx.config) || ctx.line_budget == 0 {
             return used;
         }
         match next_frame(&bytes[used..], max_line) {
             Frame::Line(line, n) => {
                 used += n;
+                ctx.line_budget -= 1;
                 if !line.iter().all(|b| *b == b' ' || *b == b'\t') {
                     service.on_line(ctx, client, line);
                 }

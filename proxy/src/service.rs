@@ -265,12 +265,8 @@ impl Core {
             (Outcome::Value(_), Some(value)) if !f.purged => {
                 self.cache.insert_shared(key, value.clone(), false, now);
             }
-            (Outcome::NotFound, _) => {
-                // An entry stored before the key went away must not come back stale later.
-                if f.purged || !self.cache.insert(key, b"", true, now) {
-                    self.cache.forget(key);
-                }
-            }
+            // An entry stored before the key went away must not come back stale later.
+            (Outcome::NotFound, _) if f.purged || !self.cache.insert(key, b"", true, now) => self.cache.forget(key),
             (Outcome::OriginError(_) | Outcome::Failure(_), _) => self.counters.origin_errors += 1,
             _ => {}
         }
