@@ -133,13 +133,13 @@ fn run_bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
     };
     let config = BenchConfig {
         addr,
-        connections: args.connections as usize,
+        connections: usize::try_from(args.connections).unwrap_or(usize::MAX),
         duration: args.duration,
         requests: args.requests,
         keys: args.keys,
         key_prefix: args.key_prefix.clone(),
         dist: args.dist.clone(),
-        pipeline: args.pipeline as usize,
+        pipeline: usize::try_from(args.pipeline).unwrap_or(usize::MAX),
         warmup: args.warmup,
         seed: args.seed,
         progress: true,

@@ -95,7 +95,7 @@ impl LatencyHistogram {
     }
 
     pub fn record(&mut self, latency: Duration) {
-        let us = (latency.as_micros() as u64).clamp(1, HIGHEST_US);
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).clamp(1, HIGHEST_US);
         self.hist.saturating_record(us);
     }
 

@@ -107,7 +107,7 @@ impl Origin {
             errors: self.counters.errors,
             pending: self.delayed,
             waiting_for_room: self.parked.values().map(VecDeque::len).sum(),
-            latency_ms: self.latency.as_millis() as u64,
+            latency_ms: u64::try_from(self.latency.as_millis()).unwrap_or(u64::MAX),
             data_dir: self.store.data_dir().to_str().unwrap_or("?"),
             latency_us: self.latency_us.summary(),
         }
