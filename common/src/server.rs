@@ -181,8 +181,8 @@ pub struct Ctx<T> {
     draining: bool,
     /// How many clients the descriptor limit leaves room for.
     descriptors: DescriptorBudget,
-    /// Request lines the connection being driven may still have handled this turn.
-    line_budget: usize,
+    /// Loop turns so far: a connection's line budget is per turn, however often it is driven.
+    turn: u64,
 }
 
 enum LoopTimer<T> {
@@ -216,6 +216,9 @@ struct Client {
     dirty: bool,
     /// The service waits for room in this client's output ([`Ctx::notify_room`]).
     wants_room: bool,
+    /// Request lines handled in loop turn `lines_turn` (see [`LINE_BUDGET`]).
+    lines: usize,
+    lines_turn: u64,
     last_active: Instant,
     idle_timer: Option<TimerKey>,
 }
@@ -258,6 +261,19 @@ impl Client {
 
     fn owes_nothing(&self) -> bool {
         self.awaited() == 0 && self.out.is_empty()
+    }
+
+    /// Whether this client has had its [`LINE_BUDGET`] of request lines in loop turn `turn`.
+    fn budget_spent(&self, turn: u64) -> bool {
+        self.lines_turn == turn && self.lines >= LINE_BUDGET
+    }
+
+    fn count_line(&mut self, turn: u64) {
+        if self.lines_turn != turn {
+            self.lines_turn = turn;
+            self.lines = 0;
+        }
+        self.lines += 1;
     }
 
     fn over_limits(&self, config: &ServerConfig) -> bool {
@@ -593,7 +609,7 @@ impl<S: Service> Server<S> {
                 spare: Vec::new(),
                 draining: false,
                 descriptors: DescriptorBudget::measure(config_fd_reserve),
-                line_budget: LINE_BUDGET,
+                turn: 0,
             },
             service,
         })
@@ -619,6 +635,7 @@ impl<S: Service> Server<S> {
         self.service.on_start(&mut self.ctx);
         loop {
             self.ctx.now = Instant::now();
+            self.ctx.turn = self.ctx.turn.wrapping_add(1);
             let timeout =
                 if self.again.is_empty() { self.ctx.timers.timeout(self.ctx.now) } else { Some(Duration::ZERO) };
             if let Err(e) = self.poll.poll(&mut self.events, timeout) {
@@ -780,6 +797,8 @@ impl<S: Service> Server<S> {
             closing: self.ctx.draining,
             dirty: false,
             wants_room: false,
+            lines: 0,
+            lines_turn: 0,
             last_active: self.ctx.now,
             idle_timer,
         });
@@ -839,7 +858,6 @@ impl<S: Service> Server<S> {
     /// until the socket is empty, the limits pause it, or its read budget is spent.
     fn drive(&mut self, index: usize) {
         let mut reads = 0;
-        self.ctx.line_budget = LINE_BUDGET;
         loop {
             let config = &self.ctx.config;
             let c = &mut self.ctx.clients[index];
@@ -873,7 +891,7 @@ impl<S: Service> Server<S> {
             if c.over_limits(config) {
                 return self.update_interest(index);
             }
-            if self.ctx.line_budget == 0 {
+            if c.budget_spent(self.ctx.turn) {
                 let serial = c.serial;
                 self.again.push(ClientId { index, serial });
                 return self.update_interest(index);
@@ -997,13 +1015,13 @@ fn dispatch<S: Service>(service: &mut S, ctx: &mut Ctx<S::Timer>, index: usize, 
     let mut used = 0;
     loop {
         let c = &ctx.clients[index];
-        if c.closing || c.over_limits(&ctx.config) || ctx.line_budget == 0 {
+        if c.closing || c.over_limits(&ctx.config) || c.budget_spent(ctx.turn) {
             return used;
         }
         match next_frame(&bytes[used..], max_line) {
             Frame::Line(line, n) => {
                 used += n;
-                ctx.line_budget -= 1;
+                ctx.clients[index].count_line(ctx.turn);
                 if !line.iter().all(|b| *b == b' ' || *b == b'\t') {
                     service.on_line(ctx, client, line);
                 }
