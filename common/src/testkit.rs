@@ -491,6 +491,8 @@ pub fn exchange(addr: SocketAddr, input: &[u8], limit: Duration) -> io::Result<V
         match stream.read(&mut buf) {
             Ok(0) => return Ok(output),
             Ok(n) => output.extend_from_slice(&buf[..n]),
+            // A signal (libFuzzer's timers, say) is not the service's doing.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(output),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "the service neither answered nor closed"))

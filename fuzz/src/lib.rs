@@ -142,5 +142,9 @@ pub fn drive(addr: SocketAddr, client: &[u8]) {
         panic!("{why}: sent {:?}, got {:?}", String::from_utf8_lossy(client), String::from_utf8_lossy(&output));
     }
     let health = common::testkit::exchange(addr, b"HEALTH\n", LIMIT).expect("HEALTH after the input");
-    assert!(health.starts_with(b"{\"status\":\"OK\""), "HEALTH after the input: {:?}", String::from_utf8_lossy(&health));
+    assert!(
+        health.starts_with(b"{\"status\":\"OK\""),
+        "HEALTH after the input: {:?}",
+        String::from_utf8_lossy(&health)
+    );
 }
