@@ -246,3 +246,40 @@ fn clients_cannot_take_the_descriptors_upstream_connections_need() {
     BufReader::new(&*first).read_line(&mut line).unwrap();
     assert!(line.contains("\"status\":\"OK\""), "{line}");
 }
+
+/// Shared answers are whole and right: coalesced waiters and hits of a big value, with and
+/// without ids, each get the value, their own id, and the right cache_hit.
+#[test]
+fn shared_big_answers_carry_their_own_ids_and_the_whole_value() {
+    let dir = data_dir_with_big_value("proxy-shared", 64 * 1024);
+    let origin = spawn_origin(&dir, "100");
+    let port = origin.addr().port().to_string();
+    let proxy = ChildService::spawn(PROXY, &["--port", "0", "--origin-port", &port]).unwrap();
+    let mut c = LineClient::connect(proxy.addr()).unwrap();
+    let mut burst = String::new();
+    for i in 0..20 {
+        if i % 2 == 0 {
+            burst.push_str(&format!("{{\"op\":\"get\",\"key\":\"big\",\"id\":\"w{i}\"}}\n"));
+        } else {
+            burst.push_str("GET big\n");
+        }
+    }
+    c.send_raw(burst.as_bytes()).unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let answer = c.recv().unwrap();
+        assert_eq!((answer["status"].as_str(), answer["cache_hit"].as_bool()), (Some("OK"), Some(false)));
+        assert_eq!(answer["data"].as_str().unwrap().len(), 64 * 1024 - 2);
+        ids.push(answer["id"].as_str().map(str::to_owned));
+    }
+    let mut tagged: Vec<String> = ids.into_iter().flatten().collect();
+    tagged.sort();
+    let mut expected: Vec<String> = (0..20).step_by(2).map(|i| format!("w{i}")).collect();
+    expected.sort();
+    assert_eq!(tagged, expected);
+    assert_eq!(metrics(proxy.addr()).unwrap()["origin_fetches"], 1);
+    let hit = c.request("{\"op\":\"get\",\"key\":\"big\",\"id\":7}").unwrap();
+    assert_eq!((hit["cache_hit"].as_bool(), hit["id"].as_u64()), (Some(true), Some(7)));
+    assert_eq!(hit["data"].as_str().unwrap().len(), 64 * 1024 - 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
