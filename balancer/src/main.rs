@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use balancer::{BalancerConfig, Strategy};
 use clap::{Parser, ValueEnum};
-use common::cli::ServerArgs;
+use common::cli::{parse_count, ServerArgs, MAX_MILLIS, MAX_RETRIES};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum StrategyName {
@@ -38,11 +38,11 @@ struct Args {
     strategy: StrategyName,
 
     /// How often each proxy gets a HEALTH probe.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=MAX_MILLIS))]
     health_interval_ms: u64,
 
     /// A probe without a well-formed answer in this time has failed.
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=MAX_MILLIS))]
     health_timeout_ms: u64,
 
     /// Consecutive failures that mark a proxy down.
@@ -54,19 +54,19 @@ struct Args {
     rise: u32,
 
     /// How often each proxy's METRICS are polled.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=MAX_MILLIS))]
     metrics_interval_ms: u64,
 
     /// Other proxies to try after a failed attempt, before PROXY_UNREACHABLE.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_RETRIES)))]
     retries: u32,
 
     /// The longest one attempt of a GET waits for its answer before another proxy is tried.
-    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=MAX_MILLIS))]
     request_timeout_ms: u64,
 
     /// Overrides the per-attempt deadline [default: --request-timeout-ms].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_MILLIS))]
     try_timeout_ms: Option<u64>,
 
     /// Request collapsing: GETs for a key already on its way to a proxy wait for its answer.
@@ -79,7 +79,7 @@ struct Args {
     hash_load_factor: f64,
 
     /// Most GETs forwarded and not yet answered; past it, OVERLOADED.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value = "10000", value_parser = parse_count)]
     max_pending: usize,
 
     /// SO_REUSEPORT: several processes started with it share --port, each its own loop; the

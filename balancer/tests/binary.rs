@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use common::testkit::{metrics, ChildService, RunningServer};
+use common::testkit::{metrics, ChildService, LineClient, RunningServer};
 
 const BALANCER: &str = env!("CARGO_BIN_EXE_balancer");
 
@@ -84,9 +84,9 @@ fn every_documented_flag_is_accepted() {
             "--max-pending",
             "100",
             "--max-connections",
-            "50",
+            "5",
             "--idle-timeout-ms",
-            "9000",
+            "400",
             "--max-line",
             "2048",
             "--host",
@@ -94,7 +94,29 @@ fn every_documented_flag_is_accepted() {
         ],
     )
     .unwrap();
-    assert_eq!(metrics(balancer.addr()).unwrap()["role"], "balancer");
+    let addr = balancer.addr();
+    let m = metrics(addr).unwrap();
+    assert_eq!((m["role"].as_str(), m["strategy"].as_str()), (Some("balancer"), Some("least_loaded")));
+    assert!(m["proxies"].get(&proxy).is_some(), "{m}");
+    // --max-line 2048: a line of 2048 bytes is a request, one of 2049 is too long.
+    let mut c = LineClient::connect(addr).unwrap();
+    let at_limit = format!("HEALTH{}", " ".repeat(2048 - 6));
+    assert_eq!(c.request(&at_limit).unwrap()["status"], "OK");
+    c.send_raw(format!("HEALTH{}\n", " ".repeat(2049 - 6)).as_bytes()).unwrap();
+    assert_eq!(c.recv().unwrap()["status"], "BAD_REQUEST");
+    assert!(c.is_closed_by_peer());
+    // --idle-timeout-ms 400: a silent connection is closed, not at once but well within 5 s.
+    let started = std::time::Instant::now();
+    let mut idle = LineClient::connect(addr).unwrap();
+    assert!(idle.is_closed_by_peer());
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300), "closed after {:?}", started.elapsed());
+    // --max-connections 5: five are served, the sixth gets OVERLOADED and is closed.
+    let mut held: Vec<LineClient> = (0..5).map(|_| LineClient::connect(addr).unwrap()).collect();
+    for c in &mut held {
+        assert_eq!(c.request("HEALTH").unwrap()["status"], "OK");
+    }
+    let mut sixth = LineClient::connect(addr).unwrap();
+    assert_eq!(sixth.recv().unwrap()["status"], "OVERLOADED");
 }
 
 #[test]
@@ -118,6 +140,30 @@ fn bad_flags_are_errors_at_start_up() {
         let out = Command::new(BALANCER).args(args).output().unwrap();
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(!out.stderr.is_empty(), "{args:?}: no message");
+    }
+}
+
+/// SPEC 3.8: numeric flags too large to represent are start-up errors naming the flag, never
+/// a panic (`--retries 4294967295` once divided by zero at start-up) or a wrap.
+#[test]
+fn numeric_flags_out_of_range_are_errors_naming_the_flag() {
+    for (flag, value) in [
+        ("--retries", "4294967295"),
+        ("--request-timeout-ms", "18446744073709551615"),
+        ("--try-timeout-ms", "18446744073709551615"),
+        ("--health-interval-ms", "0"),
+        ("--max-pending", "99999999999999999999"),
+        ("--idle-timeout-ms", "18446744073709551615"),
+        ("--max-connections", "0"),
+    ] {
+        let out = Command::new(BALANCER)
+            .args(["--port", "0", "--proxies", "127.0.0.1:1", &format!("{flag}={value}")])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{flag} {value}: {stderr}");
     }
 }
 

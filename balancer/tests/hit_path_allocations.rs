@@ -68,22 +68,36 @@ where
     handle
 }
 
-/// Sends `rounds` batches of 100 pipelined GETs over `stream` and reads all the answers.
-fn hits(stream: &mut TcpStream, rounds: usize) {
+/// Sends `rounds` batches of 100 pipelined GETs over `stream` and reads all the answers,
+/// checking each: valid JSON, OK, the value of the key asked for, in order. Returns how many
+/// were cache hits.
+fn hits(stream: &mut TcpStream, rounds: usize) -> usize {
     let mut batch = Vec::new();
     for k in 0..100 {
         batch.extend_from_slice(format!("GET synthetic/{k}\n").as_bytes());
     }
     let mut buf = vec![0u8; 1 << 16];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut hit_count = 0;
     for _ in 0..rounds {
         stream.write_all(&batch).unwrap();
-        let mut lines = 0;
-        while lines < 100 {
+        let mut answered = 0;
+        while answered < 100 {
             let n = stream.read(&mut buf).unwrap();
             assert!(n > 0, "connection closed");
-            lines += buf[..n].iter().filter(|b| **b == b'\n').count();
+            pending.extend_from_slice(&buf[..n]);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let answer: serde_json::Value = serde_json::from_slice(&pending[..end]).unwrap();
+                assert_eq!(answer["status"], "OK", "{answer}");
+                assert_eq!(answer["data"]["key"], format!("synthetic/{answered}"), "{answer}");
+                hit_count += usize::from(answer["cache_hit"] == true);
+                pending.drain(..=end);
+                answered += 1;
+            }
         }
+        assert!(pending.is_empty(), "more answers than requests");
     }
+    hit_count
 }
 
 #[test]
@@ -119,8 +133,9 @@ fn hits_through_the_balancer_and_a_proxy_allocate_nothing_in_steady_state() {
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     hits(&mut stream, 300); // warm-up: every key cached, every buffer and table at its size
     let before = [PROXY, BALANCER].map(|i| ALLOCATIONS[i].load(Ordering::SeqCst));
-    hits(&mut stream, 200); // 20,000 hits
+    let hit_count = hits(&mut stream, 200); // 20,000 hits
     let after = [PROXY, BALANCER].map(|i| ALLOCATIONS[i].load(Ordering::SeqCst));
+    assert_eq!(hit_count, 20_000, "every answer measured must be a cache hit");
     let (proxy_allocs, balancer_allocs) = (after[0] - before[0], after[1] - before[1]);
     eprintln!("allocations during 20,000 hits: proxy {proxy_allocs}, balancer {balancer_allocs}");
     assert_eq!(proxy_allocs, 0, "the proxy allocated on the hit path");

@@ -1,7 +1,9 @@
 //! Faults injected into a cluster of real binaries (origin, 3 proxies, balancer) while a
-//! bounded load runs, checked against a ledger: every request got exactly one answer, the
-//! answer is for its own key, its status is one the fault makes correct, and the cluster is
-//! all healthy again afterwards. The counts of each scenario are printed (`--nocapture`).
+//! bounded load runs, checked against a ledger: every request got exactly one answer (the
+//! workers run in lockstep and finally check that nothing more arrives), the answer is for
+//! its own key, its status is one the fault makes correct, the fault visibly had an effect
+//! (failed attempts, origin failures, stale answers, reconnections), and the cluster is all
+//! healthy again afterwards. The counts of each scenario are printed (`--nocapture`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -95,6 +97,28 @@ enum Fault {
 }
 
 impl Fault {
+    /// Checks that the fault happened as far as the cluster could see: a scenario whose fault
+    /// did nothing would pass its status checks trivially.
+    fn check_effect(self, ledger: &Ledger, balancer: &Value, victim: &str) -> Result<(), String> {
+        let p = &balancer["proxies"][victim];
+        let count = |v: &Value| v.as_u64().unwrap_or(0);
+        match self {
+            Fault::KillProxy | Fault::StopProxy | Fault::RestartProxy => {
+                let seen = count(&p["failures"]) > 0 || count(&balancer["retries"]) > 0 || p["healthy"] == false;
+                seen.then_some(()).ok_or(format!("the balancer saw no failure of {victim}: {p}"))
+            }
+            Fault::StopOrigin => {
+                let failures = ledger.statuses.get("ORIGIN_FAILURE").copied().unwrap_or(0);
+                (failures + ledger.stale > 0)
+                    .then_some(())
+                    .ok_or("no answer shows the origin stopped (no ORIGIN_FAILURE, nothing stale)".into())
+            }
+            Fault::RestartBalancer => {
+                (ledger.resent > 0).then_some(()).ok_or("no worker lost its connection to the killed balancer".into())
+            }
+        }
+    }
+
     /// What an operator does afterwards so that the cluster can be whole again.
     fn recover(self, cluster: &mut Cluster) {
         if let Fault::KillProxy = self {
@@ -194,6 +218,10 @@ fn worker(addr: SocketAddr, t: usize, done: Arc<AtomicUsize>) -> Ledger {
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn scenario(name: &str, fault: Fault, proxy_args: &[&str], allowed: &[&str]) {
+    scenario_with(name, fault, proxy_args, allowed, false);
+}
+
+fn scenario_with(name: &str, fault: Fault, proxy_args: &[&str], allowed: &[&str], expect_stale: bool) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut cluster = Cluster::start(proxy_args);
     assert!(wait_until(Duration::from_secs(10), || cluster.all_healthy()));
@@ -224,9 +252,20 @@ fn scenario(name: &str, fault: Fault, proxy_args: &[&str], allowed: &[&str]) {
         "ledger {name}: {} requests, {} answered, statuses {:?}, stale {}, resent after reconnect {}, fault took {:?}",
         total, ledger.answers, ledger.statuses, ledger.stale, ledger.resent, fault_time
     );
+    // Counted from the workers' answers (in lockstep, one per request, none extra).
     assert_eq!(ledger.answers, total, "every request answered exactly once");
     for status in ledger.statuses.keys() {
         assert!(allowed.contains(&status.as_str()), "{name}: {status} is not a correct answer to this fault");
+    }
+    let victim = format!("127.0.0.1:{}", cluster.proxy_ports[1]);
+    let balancer_metrics = metrics(cluster.lb()).unwrap();
+    if let Err(why) = fault.check_effect(&ledger, &balancer_metrics, &victim) {
+        panic!("{name}: the fault had no visible effect: {why}");
+    }
+    if expect_stale {
+        assert!(ledger.stale > 0, "{name}: stale-if-error served nothing stale");
+        let ok = ledger.statuses.get("OK").copied().unwrap_or(0);
+        assert_eq!(ok, total, "{name}: every answer OK, fresh or stale");
     }
     fault.recover(&mut cluster);
     assert!(wait_until(Duration::from_secs(15), || cluster.all_healthy()), "{name}: not all healthy again");
@@ -261,7 +300,7 @@ fn ledger_origin_stopped_for_2s_without_stale() {
 #[test]
 fn ledger_origin_stopped_for_2s_with_stale_if_error() {
     let args = ["--cache-type", "ttl", "--ttl", "1", "--origin-timeout-ms", "500", "--stale-if-error", "30"];
-    scenario("origin stopped 2s, stale-if-error", Fault::StopOrigin, &args, &["OK"]);
+    scenario_with("origin stopped 2s, stale-if-error", Fault::StopOrigin, &args, &["OK"], true);
 }
 
 /// The load reconnects and sends its interrupted GETs again; each is answered once.

@@ -38,6 +38,15 @@ pub fn request_once(host: &str, port: u16, line: &str, timeout: Duration) -> Val
     Value::Object(answer)
 }
 
+/// Refuses a key the CLI must not send as typed: one holding a control character (a newline
+/// would end the request line and start another, SPEC 3.8).
+pub fn check_key(key: &str) -> Result<(), String> {
+    match key.chars().find(|c| c.is_control()) {
+        Some(c) => Err(format!("key {key:?} contains the control character {c:?}; nothing was sent")),
+        None => Ok(()),
+    }
+}
+
 /// Whether an answer from [`request_once`] means success (exit status 0).
 pub fn is_ok(answer: &Value) -> bool {
     answer["status"] == "OK"

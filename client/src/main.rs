@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use client::bench::{self, BenchConfig, Dist};
-use common::cli::parse_seconds;
+use common::cli::{parse_positive_count, parse_positive_millis, parse_seconds};
 
 /// Talk to any tier of the cache (balancer, proxy or origin), or load it with `bench`.
 #[derive(Parser, Debug)]
@@ -18,8 +18,8 @@ struct Cli {
     port: u16,
 
     /// Give up on connecting or on an answer after this long.
-    #[arg(long, default_value_t = 5000)]
-    timeout_ms: u64,
+    #[arg(long = "timeout-ms", default_value = "5000", value_parser = parse_positive_millis)]
+    timeout: Duration,
 
     /// GET a key.
     #[arg(long, value_name = "KEY")]
@@ -70,12 +70,12 @@ struct BenchArgs {
     duration: Duration,
 
     /// Measure this many requests instead of a duration.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     requests: Option<u64>,
 
     /// Keys are PREFIX0 … PREFIX(N-1).
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    keys: u64,
+    #[arg(long, default_value = "1000", value_parser = parse_positive_count)]
+    keys: usize,
 
     #[arg(long, default_value = "synthetic/")]
     key_prefix: String,
@@ -101,7 +101,7 @@ struct BenchArgs {
     json: bool,
 
     /// Also compute the hit ratio one LRU of N entries would have on the same key sequence.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_positive_count)]
     simulate_lru: Option<usize>,
 
     /// line (this project's protocol) or memcache (`get KEY`, to load twemproxy or memcached
@@ -118,6 +118,14 @@ fn main() -> ExitCode {
     if let Some(Command::Top(args)) = &cli.command {
         return run_top(&cli, args);
     }
+    // SPEC 3.8: a key with a control character could smuggle a second request line in
+    // (`--get $'a\nPURGE a'`); refuse it and send nothing.
+    for key in [&cli.get, &cli.purge].into_iter().flatten() {
+        if let Err(why) = client::check_key(key) {
+            eprintln!("client: {why}");
+            return ExitCode::from(2);
+        }
+    }
     let line = match (&cli.get, cli.metrics, &cli.purge, cli.health) {
         (Some(key), ..) => format!("GET {key}"),
         (_, true, ..) => "METRICS".to_owned(),
@@ -128,7 +136,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let answer = client::request_once(&cli.host, cli.port, &line, Duration::from_millis(cli.timeout_ms));
+    let answer = client::request_once(&cli.host, cli.port, &line, cli.timeout);
     println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
     if client::is_ok(&answer) {
         ExitCode::SUCCESS
@@ -142,7 +150,7 @@ fn run_top(cli: &Cli, args: &TopArgs) -> ExitCode {
         host: cli.host.clone(),
         port: cli.port,
         interval: Duration::from_millis(args.interval_ms),
-        timeout: Duration::from_millis(cli.timeout_ms),
+        timeout: cli.timeout,
     };
     let result = if args.once {
         client::top::once(&config).map_err(|e| e.to_string()).and_then(|snapshot| {
@@ -172,13 +180,13 @@ fn run_bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
     };
     let config = BenchConfig {
         addr,
-        connections: args.connections as usize,
+        connections: usize::try_from(args.connections).unwrap_or(usize::MAX),
         duration: args.duration,
         requests: args.requests,
-        keys: args.keys as usize,
+        keys: args.keys,
         key_prefix: args.key_prefix.clone(),
         dist: args.dist.clone(),
-        pipeline: args.pipeline as usize,
+        pipeline: usize::try_from(args.pipeline).unwrap_or(usize::MAX),
         warmup: args.warmup,
         seed: args.seed,
         progress: true,

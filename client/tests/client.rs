@@ -60,10 +60,33 @@ fn a_refused_connection_is_a_client_connection_error() {
 
 #[test]
 fn the_cli_refuses_to_guess_what_to_do() {
-    let out = Command::new(CLIENT).args(["--port", "1"]).output().unwrap();
-    assert!(!out.status.success());
-    let out = Command::new(CLIENT).args(["--get", "a", "--metrics"]).output().unwrap();
-    assert!(!out.status.success(), "two actions at once must be rejected");
+    // A listening service that counts what it is sent: a refusal must send nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let out = Command::new(CLIENT).args(["--port", &port]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "no action: a usage error, not a connection error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("say what to do"));
+    let out = Command::new(CLIENT).args(["--port", &port, "--get", "a", "--metrics"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "two actions at once must be rejected as usage");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "a refused command line connected anyway");
+}
+
+/// Defect 10 (SPEC 3.8): a key with a control character once smuggled a second request
+/// (`--get $'article/1\nPURGE article/1'` purged the key and exited 0).
+#[test]
+fn a_key_with_a_control_character_is_refused_and_nothing_is_sent() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    for args in [["--get", "article/1\nPURGE article/1"], ["--purge", "a\rb"], ["--get", "a\u{7f}"], ["--get", "a\tb"]]
+    {
+        let out = Command::new(CLIENT).args(["--port", &port]).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("control character"), "{args:?}");
+    }
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "a refused key was sent");
 }
 
 #[test]

@@ -118,7 +118,16 @@ fn a_taken_port_is_a_clear_error_and_nothing_is_left_running() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&cluster.lb_port.to_string()) && stderr.contains("in use"), "{stderr}");
-    assert!(cluster.pids().is_empty());
+    // Nothing listens on the cluster's other ports, and nothing the script recorded runs.
+    let others: Vec<u16> = cluster.vars[..2]
+        .iter()
+        .flat_map(|(_, ports)| ports.split_whitespace().map(|p| p.parse::<u16>().unwrap()).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(others.len(), 4, "the origin and three proxies");
+    for port in others {
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "something was left on port {port}");
+    }
+    assert!(cluster.pids().iter().all(|&pid| !running(pid)), "left running: {:?}", cluster.pids());
 }
 
 #[test]

@@ -5,9 +5,11 @@
 pub mod access_log;
 pub mod admin;
 pub mod cli;
+pub mod fdlimit;
 pub mod framing;
 pub mod logging;
 pub mod metrics;
+pub mod outbuf;
 pub mod prom;
 pub mod protocol;
 pub mod random;

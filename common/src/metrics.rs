@@ -106,7 +106,7 @@ impl LatencyHistogram {
     }
 
     pub fn record(&mut self, latency: Duration) {
-        let us = (latency.as_micros() as u64).clamp(1, HIGHEST_US);
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).clamp(1, HIGHEST_US);
         self.hist.saturating_record(us);
         let bucket = BUCKET_BOUNDS_US.iter().position(|le| us <= *le).unwrap_or(BUCKET_BOUNDS_US.len());
         self.buckets[bucket] = self.buckets[bucket].saturating_add(1);

@@ -9,10 +9,13 @@
 //! still awaited waits in its slot. Requests with an id take no slot and are written the
 //! moment they are answered (SPEC 2: they may overtake).
 //!
-//! Backpressure: a connection stops being read while its unwritten output is over
+//! Backpressure (SPEC 3.8): a connection stops being read while its output is over
 //! `output_limit` or while `max_pipeline` answers are awaited; it is read again as soon as
-//! that clears. So a client that never reads costs at most about `output_limit` plus one
-//! answer, plus what the kernel buffers.
+//! that clears. Its output counts what is queued, the answers that wait in their slot for an
+//! earlier one, and each shared chunk once ([`crate::outbuf`]). Answers that complete later
+//! (a slow origin, a coalesced fetch) can still overshoot that; a service that makes big
+//! answers late asks [`Ctx::has_room`] first and, when there is none, waits for
+//! [`Service::on_room`] (the origin does; the proxy and balancer answer from shared bytes).
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -29,8 +32,10 @@ use slab::Slab;
 
 use crate::access_log::{AccessLog, NoteId};
 use crate::admin::Admin;
-use crate::framing::{next_frame, read_once, Frame, OutBuf, SharedBytes};
+use crate::fdlimit::DescriptorBudget;
+use crate::framing::{next_frame, read_once, Frame, SharedBytes};
 use crate::metrics::{CommonMetrics, HealthData, LatencyHistogram, StartTime};
+use crate::outbuf::{Output, Parked, SHARE_MIN};
 use crate::protocol::{encode_ok_value, Id, Reply, RequestError, Status};
 use crate::timers::{TimerKey, TimerQueue};
 
@@ -56,6 +61,10 @@ pub fn peer_index(token: Token) -> Option<usize> {
 const READ_CHUNK: usize = 64 * 1024;
 /// Reads one connection gets per loop turn before others get their turn.
 const READ_BUDGET: usize = 16;
+/// Request lines one connection gets handled per loop turn before others get their turn: a
+/// client pipelining cheap requests while the kernel keeps taking the answers must not hold
+/// the loop for a million requests (others would wait seconds).
+const LINE_BUDGET: usize = 4096;
 /// How long to wait before accepting again after running out of file descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The period of [`LoopTimer::Tick`].
@@ -79,6 +88,9 @@ pub struct ServerConfig {
     pub announce: bool,
     /// Drain and exit on SIGTERM/SIGINT (binaries); in-process tests use [`ShutdownHandle`].
     pub handle_signals: bool,
+    /// File descriptors kept free for the service's own upstream connections: clients past
+    /// what the descriptor limit leaves are answered OVERLOADED (SPEC 3.8).
+    pub fd_reserve: usize,
     /// The admin HTTP listener (SPEC 6): its port (0 = a free one) when wanted, and its host
     /// (default: `host`).
     pub admin_port: Option<u16>,
@@ -103,6 +115,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(5),
             announce: false,
             handle_signals: false,
+            fd_reserve: 64,
             admin_port: None,
             admin_host: None,
             access_log: None,
@@ -162,6 +175,10 @@ pub trait Service {
     /// The drain has begun (SIGTERM or [`ShutdownHandle::shutdown`]).
     fn on_drain(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
 
+    /// `client`, for which the service called [`Ctx::notify_room`], has room for output again
+    /// (or has gone: then [`Ctx::complete`] drops what is given).
+    fn on_room(&mut self, _ctx: &mut Ctx<Self::Timer>, _client: ClientId) {}
+
     /// The service's METRICS `data`, for the admin listener's `/metrics` (SPEC 6).
     fn metrics_json(&self, _ctx: &Ctx<Self::Timer>) -> serde_json::Value {
         serde_json::Value::Null
@@ -203,6 +220,10 @@ pub struct Ctx<T> {
     /// Spare buffers for answers that wait in their slot, so steady state does not allocate.
     spare: Vec<Vec<u8>>,
     draining: bool,
+    /// How many clients the descriptor limit leaves room for.
+    descriptors: DescriptorBudget,
+    /// Loop turns so far: a connection's line budget is per turn, however often it is driven.
+    turn: u64,
     /// `--access-log`, when on.
     access_log: Option<AccessLog>,
 }
@@ -222,7 +243,7 @@ struct Client {
     serial: u64,
     /// Bytes read but not yet used: at most a partial line, unless reading is paused.
     carry: Vec<u8>,
-    out: OutBuf,
+    out: Output,
     /// Answers for requests without an id, oldest first; `head_slot` numbers the first.
     slots: VecDeque<Slot>,
     head_slot: u64,
@@ -239,14 +260,45 @@ struct Client {
     /// Read nothing more; close once everything owed is written.
     closing: bool,
     dirty: bool,
+    /// The service waits for room in this client's output ([`Ctx::notify_room`]).
+    wants_room: bool,
+    /// Request lines handled in loop turn `lines_turn` (see [`LINE_BUDGET`]).
+    lines: usize,
+    lines_turn: u64,
     last_active: Instant,
     idle_timer: Option<TimerKey>,
 }
 
 enum Slot {
     Waiting,
-    Ready(Vec<u8>),
+    Ready(Parked),
 }
+
+/// An answer as a service hands it over: encoded by a closure, or a head, shared body and
+/// tail (see [`Ctx::reply_shared`]).
+enum Answer<'a, F> {
+    Encoded(F),
+    Shared(&'a [u8], &'a SharedBytes, &'a [u8]),
+}
+
+impl<F: FnOnce(&mut Vec<u8>)> Answer<'_, F> {
+    fn queue(self, out: &mut Output) {
+        match self {
+            Answer::Encoded(encode) => out.append_with(encode),
+            Answer::Shared(head, body, tail) => out.append_shared(head, body, tail),
+        }
+    }
+
+    fn park(self, out: &mut Output, buf: Vec<u8>) -> Parked {
+        match self {
+            Answer::Encoded(encode) => out.park_with(buf, encode),
+            Answer::Shared(head, body, tail) => out.park_shared(buf, head, body, tail),
+        }
+    }
+}
+
+/// The closure type of a shared answer, which never encodes anything.
+type NoEncode = fn(&mut Vec<u8>);
 
 impl Client {
     fn awaited(&self) -> usize {
@@ -257,8 +309,21 @@ impl Client {
         self.awaited() == 0 && self.out.is_empty()
     }
 
+    /// Whether this client has had its [`LINE_BUDGET`] of request lines in loop turn `turn`.
+    fn budget_spent(&self, turn: u64) -> bool {
+        self.lines_turn == turn && self.lines >= LINE_BUDGET
+    }
+
+    fn count_line(&mut self, turn: u64) {
+        if self.lines_turn != turn {
+            self.lines_turn = turn;
+            self.lines = 0;
+        }
+        self.lines += 1;
+    }
+
     fn over_limits(&self, config: &ServerConfig) -> bool {
-        self.out.pending() > config.output_limit || self.awaited() >= config.max_pipeline
+        self.out.counted() > config.output_limit || self.awaited() >= config.max_pipeline
     }
 }
 
@@ -301,37 +366,66 @@ impl<T> Ctx<T> {
     /// Answers a request now. `ordered` is true for requests without an id, which must not
     /// overtake earlier requests of the same connection.
     pub fn reply(&mut self, client: ClientId, ordered: bool, encode: impl FnOnce(&mut Vec<u8>)) {
-        let Some(index) = self.live_index(client) else { return };
-        self.total_requests += 1;
-        let c = &mut self.clients[index];
-        if ordered && !c.slots.is_empty() {
-            let mut buf = self.spare.pop().unwrap_or_default();
-            encode(&mut buf);
-            if let Some(log) = self.access_log.as_mut() {
-                log.answered_now(c.peer, &buf);
-            }
-            c.slots.push_back(Slot::Ready(buf));
-        } else {
-            let out = c.out.buf_mut();
-            let start = out.len();
-            encode(out);
-            if let Some(log) = self.access_log.as_mut() {
-                log.answered_now(c.peer, out.get(start..).unwrap_or_default());
-            }
+        if self.access_log.is_some() {
+            return self.reply_logged(client, ordered, encode);
         }
-        self.mark_dirty(index);
+        self.reply_answer(client, ordered, Answer::Encoded(encode));
     }
 
     /// Answers a request now with `head`, the shared `body`, then `tail` (the answer line is
-    /// their concatenation, `tail` ending in `\n`). The shared bytes are not copied per answer.
+    /// their concatenation, `tail` ending in `\n`). A body of [`SHARE_MIN`] bytes or more is
+    /// queued by reference, not copied, and counts once toward this connection's output
+    /// bound however many of its answers share it.
     pub fn reply_shared(&mut self, client: ClientId, ordered: bool, head: &[u8], body: &SharedBytes, tail: &[u8]) {
-        self.reply(client, ordered, |out| concat_parts(out, head, body, tail));
+        if body.len() < SHARE_MIN {
+            return self.reply(client, ordered, |out| concat_parts(out, head, body, tail));
+        }
+        if self.access_log.is_some() {
+            let peer = self.live_index(client).map(|index| self.clients[index].peer);
+            self.log_shared(None, peer, head, tail);
+        }
+        self.reply_answer::<NoEncode>(client, ordered, Answer::Shared(head, body, tail));
     }
 
     /// Keeps a promise with an answer made of `head`, the shared `body`, then `tail` (see
     /// [`Ctx::reply_shared`]). Returns false when the client has gone.
     pub fn complete_shared(&mut self, ticket: Ticket, head: &[u8], body: &SharedBytes, tail: &[u8]) -> bool {
-        self.complete(ticket, |out| concat_parts(out, head, body, tail))
+        if body.len() < SHARE_MIN {
+            return self.complete(ticket, |out| concat_parts(out, head, body, tail));
+        }
+        if self.access_log.is_some() {
+            let peer = self.live_index(ticket.client).map(|index| self.clients[index].peer);
+            self.log_shared(Some(ticket.log), peer, head, tail);
+        }
+        self.complete_answer::<NoEncode>(ticket, Answer::Shared(head, body, tail))
+    }
+
+    /// Whether `client`'s output is within its bound, so that a big answer made now would not
+    /// overshoot it by more than that answer. True for a client that has gone.
+    pub fn has_room(&self, client: ClientId) -> bool {
+        self.live_index(client).map_or(true, |index| self.clients[index].out.counted() <= self.config.output_limit)
+    }
+
+    /// Asks for [`Service::on_room`] once `client` has room for output again (or has gone).
+    pub fn notify_room(&mut self, client: ClientId) {
+        if let Some(index) = self.live_index(client) {
+            self.clients[index].wants_room = true;
+            self.mark_dirty(index);
+        }
+    }
+
+    fn reply_answer<F: FnOnce(&mut Vec<u8>)>(&mut self, client: ClientId, ordered: bool, answer: Answer<'_, F>) {
+        let Some(index) = self.live_index(client) else { return };
+        self.total_requests += 1;
+        let c = &mut self.clients[index];
+        if ordered && !c.slots.is_empty() {
+            let buf = self.spare.pop().unwrap_or_default();
+            let parked = answer.park(&mut c.out, buf);
+            c.slots.push_back(Slot::Ready(parked));
+        } else {
+            answer.queue(&mut c.out);
+        }
+        self.mark_dirty(index);
     }
 
     /// The METRICS fields every service shares. The METRICS request being answered counts in
@@ -384,47 +478,25 @@ impl<T> Ctx<T> {
         if self.access_log.is_some() {
             return self.complete_logged(ticket, encode);
         }
-        self.complete_unlogged(ticket, encode)
+        self.complete_answer(ticket, Answer::Encoded(encode))
     }
 
-    fn complete_unlogged(&mut self, ticket: Ticket, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
-        let Some(index) = self.live_index(ticket.client) else { return false };
-        self.total_requests += 1;
-        let c = &mut self.clients[index];
-        match ticket.slot {
-            None => {
-                c.unordered = c.unordered.saturating_sub(1);
-                encode(c.out.buf_mut());
-            }
-            Some(slot) => {
-                let Some(position) = slot.checked_sub(c.head_slot).map(|p| p as usize) else {
-                    return false;
-                };
-                if position == 0 {
-                    encode(c.out.buf_mut());
-                    c.slots.pop_front();
-                    c.head_slot += 1;
-                    // Answers that were ready behind this one may go now.
-                    while let Some(Slot::Ready(_)) = c.slots.front() {
-                        if let Some(Slot::Ready(buf)) = c.slots.pop_front() {
-                            c.out.extend(&buf);
-                            recycle(&mut self.spare, buf);
-                        }
-                        c.head_slot += 1;
-                    }
-                } else if let Some(entry) = c.slots.get_mut(position) {
-                    let mut buf = self.spare.pop().unwrap_or_default();
-                    encode(&mut buf);
-                    *entry = Slot::Ready(buf);
-                }
-            }
+    /// [`Ctx::reply`] with the access log on: the answer is encoded aside, logged, then given
+    /// as usual. (Kept apart so that the path without a log is untouched.)
+    fn reply_logged(&mut self, client: ClientId, ordered: bool, encode: impl FnOnce(&mut Vec<u8>)) {
+        let Some(peer) = self.live_index(client).map(|index| self.clients[index].peer) else { return };
+        let mut buf = self.access_log.as_mut().map(AccessLog::take_scratch).unwrap_or_default();
+        encode(&mut buf);
+        if let Some(log) = self.access_log.as_mut() {
+            log.answered_now(peer, &buf);
         }
-        self.mark_dirty(index);
-        true
+        self.reply_answer(client, ordered, Answer::Encoded(|out: &mut Vec<u8>| out.extend_from_slice(&buf)));
+        if let Some(log) = self.access_log.as_mut() {
+            log.put_scratch(buf);
+        }
     }
 
-    /// [`Ctx::complete`] with the access log on: the answer is encoded aside, logged, then
-    /// given as usual. (Kept apart so that the path without a log is untouched.)
+    /// [`Ctx::complete`] with the access log on, likewise.
     fn complete_logged(&mut self, ticket: Ticket, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
         let peer = self.live_index(ticket.client).map(|index| self.clients[index].peer);
         let mut buf = self.access_log.as_mut().map(AccessLog::take_scratch).unwrap_or_default();
@@ -434,11 +506,65 @@ impl<T> Ctx<T> {
         if let Some(log) = self.access_log.as_mut() {
             log.answered_later(ticket.log, peer, &buf);
         }
-        let done = self.complete_unlogged(ticket, |out| out.extend_from_slice(&buf));
+        let done = self.complete_answer(ticket, Answer::Encoded(|out: &mut Vec<u8>| out.extend_from_slice(&buf)));
         if let Some(log) = self.access_log.as_mut() {
             log.put_scratch(buf);
         }
         done
+    }
+
+    /// Logs an answer made of `head`, a shared body and `tail` without copying the body: the
+    /// log reads status, `cache_hit`, `node` and `id`, never `data`, so the body is logged as
+    /// `null`. `later` holds the ticket's note for a deferred answer.
+    fn log_shared(&mut self, later: Option<Option<NoteId>>, peer: Option<SocketAddr>, head: &[u8], tail: &[u8]) {
+        let Some(log) = self.access_log.as_mut() else { return };
+        let mut buf = log.take_scratch();
+        if peer.is_some() {
+            buf.extend_from_slice(head);
+            buf.extend_from_slice(b"null");
+            buf.extend_from_slice(tail);
+        }
+        match (later, peer) {
+            (Some(note), _) => log.answered_later(note, peer, &buf),
+            (None, Some(peer)) => log.answered_now(peer, &buf),
+            (None, None) => {}
+        }
+        log.put_scratch(buf);
+    }
+
+    fn complete_answer<F: FnOnce(&mut Vec<u8>)>(&mut self, ticket: Ticket, answer: Answer<'_, F>) -> bool {
+        let Some(index) = self.live_index(ticket.client) else { return false };
+        self.total_requests += 1;
+        let c = &mut self.clients[index];
+        match ticket.slot {
+            None => {
+                c.unordered = c.unordered.saturating_sub(1);
+                answer.queue(&mut c.out);
+            }
+            Some(slot) => {
+                let Some(position) = slot.checked_sub(c.head_slot).map(|p| p as usize) else {
+                    return false;
+                };
+                if position == 0 {
+                    answer.queue(&mut c.out);
+                    c.slots.pop_front();
+                    c.head_slot += 1;
+                    // Answers that were ready behind this one may go now.
+                    while let Some(Slot::Ready(_)) = c.slots.front() {
+                        if let Some(Slot::Ready(parked)) = c.slots.pop_front() {
+                            let buf = c.out.unpark(parked);
+                            recycle(&mut self.spare, buf);
+                        }
+                        c.head_slot += 1;
+                    }
+                } else if let Some(entry) = c.slots.get_mut(position) {
+                    let buf = self.spare.pop().unwrap_or_default();
+                    *entry = Slot::Ready(answer.park(&mut c.out, buf));
+                }
+            }
+        }
+        self.mark_dirty(index);
+        true
     }
 
     fn live_index(&self, client: ClientId) -> Option<usize> {
@@ -569,12 +695,12 @@ impl<S: Service> Server<S> {
     /// Runs on an already bound mio listener.
     pub fn with_listener(config: ServerConfig, mut listener: TcpListener, service: S) -> io::Result<Self> {
         let local_addr = listener.local_addr()?;
+        let config_fd_reserve = config.fd_reserve;
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
         registry.register(&mut listener, LISTENER, Interest::READABLE)?;
         let signals = if config.handle_signals {
-            let mut signals =
-                signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGUSR1])?;
+            let mut signals = signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGUSR1])?;
             registry.register(&mut signals, SIGNALS, Interest::READABLE)?;
             Some(signals)
         } else {
@@ -614,6 +740,8 @@ impl<S: Service> Server<S> {
                 dirty: Vec::new(),
                 spare: Vec::new(),
                 draining: false,
+                descriptors: DescriptorBudget::measure(config_fd_reserve),
+                turn: 0,
                 access_log,
             },
             service,
@@ -651,6 +779,7 @@ impl<S: Service> Server<S> {
         self.service.on_start(&mut self.ctx);
         loop {
             self.ctx.now = Instant::now();
+            self.ctx.turn = self.ctx.turn.wrapping_add(1);
             let busy = !self.again.is_empty() || self.admin.as_ref().is_some_and(Admin::has_again);
             let timeout = if busy { Some(Duration::ZERO) } else { self.ctx.timers.timeout(self.ctx.now) };
             if let Err(e) = self.poll.poll(&mut self.events, timeout) {
@@ -785,8 +914,11 @@ impl<S: Service> Server<S> {
                 Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => continue,
                 Err(e) => {
                     // Out of descriptors or memory: the pending connection stays in the backlog.
-                    // Retry after a pause instead of spinning on an always-ready listener.
-                    warn!("accept failed: {e}; retrying in {} ms", ACCEPT_RETRY.as_millis());
+                    // Retry after a pause instead of spinning on an always-ready listener, and
+                    // say so at most once a second.
+                    if self.ctx.descriptors.may_log(self.ctx.now) {
+                        warn!("accept failed: {e}; retrying every {} ms", ACCEPT_RETRY.as_millis());
+                    }
                     self.ctx.timers.schedule(self.ctx.now + ACCEPT_RETRY, LoopTimer::AcceptRetry);
                     return;
                 }
@@ -795,9 +927,18 @@ impl<S: Service> Server<S> {
     }
 
     fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
-        if self.ctx.clients.len() >= self.ctx.config.max_connections {
+        let short_of_descriptors = self.ctx.clients.len() >= self.ctx.descriptors.client_cap();
+        if short_of_descriptors {
+            self.ctx.descriptors.warn_short(self.ctx.now, self.ctx.clients.len());
+        }
+        if short_of_descriptors || self.ctx.clients.len() >= self.ctx.config.max_connections {
             let mut line = Vec::with_capacity(64);
-            Reply::error(Status::Overloaded, "too many connections").encode(&mut line);
+            let why = if short_of_descriptors {
+                "too many connections for the descriptor limit"
+            } else {
+                "too many connections"
+            };
+            Reply::error(Status::Overloaded, why).encode(&mut line);
             // A fresh socket's send buffer is empty, so this either goes out whole or the
             // client is gone; either way the connection is closed right after.
             let _ = stream.write(&line);
@@ -821,7 +962,7 @@ impl<S: Service> Server<S> {
             peer,
             serial,
             carry: Vec::new(),
-            out: OutBuf::new(),
+            out: Output::new(),
             slots: VecDeque::new(),
             head_slot: 0,
             unordered: 0,
@@ -831,6 +972,9 @@ impl<S: Service> Server<S> {
             hangup: false,
             closing: self.ctx.draining,
             dirty: false,
+            wants_room: false,
+            lines: 0,
+            lines_turn: 0,
             last_active: self.ctx.now,
             idle_timer,
         });
@@ -917,6 +1061,15 @@ impl<S: Service> Server<S> {
                     return self.close(index);
                 }
             }
+            if c.wants_room && c.out.counted() <= config.output_limit {
+                c.wants_room = false;
+                let id = ClientId { index, serial: c.serial };
+                self.service.on_room(&mut self.ctx, id);
+                if !self.ctx.clients.contains(index) {
+                    return;
+                }
+                continue;
+            }
             if c.closing || c.read_closed {
                 // After EOF, a last line without its newline is still to be answered; a
                 // closing connection (drain, line too long) reads nothing more.
@@ -928,6 +1081,11 @@ impl<S: Service> Server<S> {
                 }
             }
             if c.over_limits(config) {
+                return self.update_interest(index);
+            }
+            if c.budget_spent(self.ctx.turn) {
+                let serial = c.serial;
+                self.again.push(ClientId { index, serial });
                 return self.update_interest(index);
             }
             if !c.carry.is_empty() && memchr::memchr(b'\n', &c.carry).is_some() {
@@ -1029,9 +1187,13 @@ impl<S: Service> Server<S> {
             self.ctx.timers.cancel(key);
         }
         for slot in c.slots.drain(..) {
-            if let Slot::Ready(buf) = slot {
-                recycle(&mut self.ctx.spare, buf);
+            if let Slot::Ready(parked) = slot {
+                recycle(&mut self.ctx.spare, c.out.discard(parked));
             }
+        }
+        if c.wants_room {
+            // The service holds work for this client: let it drop it.
+            self.service.on_room(&mut self.ctx, ClientId { index, serial: c.serial });
         }
     }
 }
@@ -1045,12 +1207,13 @@ fn dispatch<S: Service>(service: &mut S, ctx: &mut Ctx<S::Timer>, index: usize, 
     let mut used = 0;
     loop {
         let c = &ctx.clients[index];
-        if c.closing || c.over_limits(&ctx.config) {
+        if c.closing || c.over_limits(&ctx.config) || c.budget_spent(ctx.turn) {
             return used;
         }
         match next_frame(&bytes[used..], max_line) {
             Frame::Line(line, n) => {
                 used += n;
+                ctx.clients[index].count_line(ctx.turn);
                 if !line.iter().all(|b| *b == b' ' || *b == b'\t') {
                     if let Some(log) = ctx.access_log.as_mut() {
                         log.begin(line, ctx.now);

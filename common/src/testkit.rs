@@ -443,3 +443,133 @@ pub fn workspace_bin(name: &str) -> io::Result<std::path::PathBuf> {
 pub fn free_port() -> io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// SPEC 3.8 at one tier: sends `count` pipelined `line`s to the service at `addr` (process
+/// `pid`) from a client that never reads, waits until `settled` says every answer the service
+/// will make has completed (up to 20 s), and returns the service's RSS growth in KiB. The
+/// client stays connected until then, so nothing it caused has been freed yet.
+pub fn rss_growth_under_a_non_reading_client(
+    addr: SocketAddr,
+    pid: u32,
+    line: &str,
+    count: usize,
+    mut settled: impl FnMut() -> bool,
+) -> io::Result<u64> {
+    let before = rss_kib(pid).ok_or_else(|| io::Error::other("RSS unreadable: /proc is needed for this test"))?;
+    let mut hog = TcpStream::connect(addr)?;
+    hog.write_all(line.repeat(count).as_bytes())?;
+    if !wait_until(Duration::from_secs(20), &mut settled) {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "the service never settled"));
+    }
+    let after = rss_kib(pid).ok_or_else(|| io::Error::other("RSS unreadable"))?;
+    drop(hog);
+    Ok(after.saturating_sub(before))
+}
+
+/// A data directory holding `big.json`: a JSON string of `bytes` bytes.
+pub fn data_dir_with_big_value(label: &str, bytes: usize) -> std::path::PathBuf {
+    let dir = temp_dir(label);
+    let value = format!("\"{}\"", "x".repeat(bytes.saturating_sub(2)));
+    let _ = std::fs::write(dir.join("big.json"), value);
+    dir
+}
+
+/// For fuzzing whole services and for the regression tests their crashers become: sends
+/// `input` on a fresh connection to `addr`, closes the sending side, and reads until the
+/// service closes the connection. A service that neither answers nor closes within `limit`
+/// is an error (a hang).
+pub fn exchange(addr: SocketAddr, input: &[u8], limit: Duration) -> io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(limit))?;
+    // The service may close early (a line too long): a failed write is not an error here.
+    let _ = stream.write_all(input);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + limit;
+    let mut output = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(output),
+            Ok(n) => output.extend_from_slice(&buf[..n]),
+            // A signal (libFuzzer's timers, say) is not the service's doing.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(output),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the service neither answered nor closed"))
+            }
+            Err(e) => return Err(e),
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the service kept the connection open"));
+        }
+    }
+}
+
+/// How many answers a service owes for `input` sent whole and then closed (SPEC 2): one per
+/// non-blank line (the last, unterminated one included), up to and including a line longer
+/// than `max_line`, after which the connection closes.
+pub fn answers_owed(input: &[u8], max_line: usize) -> usize {
+    let mut owed = 0;
+    let mut parts = input.split(|b| *b == b'\n').peekable();
+    while let Some(part) = parts.next() {
+        let last = parts.peek().is_none();
+        if last && part.is_empty() {
+            break;
+        }
+        if part.len() > max_line {
+            return owed + 1;
+        }
+        let line = part.strip_suffix(b"\r").unwrap_or(part);
+        if !line.iter().all(|b| *b == b' ' || *b == b'\t') {
+            owed += 1;
+        }
+    }
+    owed
+}
+
+/// Checks a service's answers to `input` (from [`exchange`]): exactly [`answers_owed`] lines,
+/// each a JSON object with a string `status` and a `data` field, and an `id`, where there is
+/// one, a number or a string.
+pub fn check_answers(input: &[u8], output: &[u8], max_line: usize) -> Result<(), String> {
+    let owed = answers_owed(input, max_line);
+    if !output.is_empty() && output.last() != Some(&b'\n') {
+        return Err("the last answer is not a whole line".into());
+    }
+    let lines: Vec<&[u8]> = output.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+    if lines.len() != owed {
+        return Err(format!("{} answers to {owed} requests", lines.len()));
+    }
+    for line in lines {
+        let answer: Value = serde_json::from_slice(line)
+            .map_err(|e| format!("an answer is not JSON ({e}): {:?}", String::from_utf8_lossy(line)))?;
+        if !answer["status"].is_string() || answer.get("data").is_none() {
+            return Err(format!("an answer without status or data: {answer}"));
+        }
+        if let Some(id) = answer.get("id") {
+            if !(id.is_number() || id.is_string()) {
+                return Err(format!("an answer with an id that is neither number nor string: {answer}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_owed_follows_the_framing_rules() {
+        assert_eq!(answers_owed(b"", 8), 0);
+        assert_eq!(answers_owed(b"GET a\n", 8), 1);
+        assert_eq!(answers_owed(b"GET a", 8), 1);
+        assert_eq!(answers_owed(b"\n \t\r\n\nx\n", 8), 1);
+        assert_eq!(answers_owed(b"a\n123456789\nb\n", 8), 2);
+        assert_eq!(answers_owed(b"a\n123456789", 8), 2);
+        assert_eq!(answers_owed(b"1234567\r\n", 8), 1);
+        assert_eq!(answers_owed(b"12345678\r\n", 8), 1, "too long with its \\r: answered, then closed");
+        assert!(check_answers(b"x\ny\n", b"{\"status\":\"OK\",\"data\":null}\n", 8).is_err());
+        assert!(check_answers(b"x\n", b"{\"status\":\"OK\",\"data\":null,\"id\":[1]}\n", 8).is_err());
+        assert!(check_answers(b"x\n", b"{\"status\":\"OK\",\"data\":null,\"id\":7}\n", 8).is_ok());
+    }
+}

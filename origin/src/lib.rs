@@ -43,7 +43,10 @@ impl OriginConfig {
 pub fn bind(config: OriginConfig) -> io::Result<Server<Origin>> {
     let store = Store::open(&config.data_dir, config.max_file_bytes, config.synthetic)?;
     let latency = config.latency;
-    Server::bind(config.server, move |_| Ok(Origin::new(store, latency)))
+    let mut server = config.server;
+    // No upstream connections: a few descriptors for opening data files are reserve enough.
+    server.fd_reserve = 4;
+    Server::bind(server, move |_| Ok(Origin::new(store, latency)))
 }
 
 /// Binds and serves until SIGTERM/SIGINT (or a shutdown handle) drains the loop.

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use common::cli::ServerArgs;
+use common::cli::{parse_count, parse_millis, parse_size, ServerArgs};
 use origin::{OriginConfig, Synthetic, DEFAULT_MAX_FILE_BYTES};
 
 /// The origin server: the source of truth for the cache tier.
@@ -19,23 +19,32 @@ struct Args {
     data_dir: PathBuf,
 
     /// Delay every GET answer by this many milliseconds (a loop timer, not a sleep).
-    #[arg(long, default_value_t = 0)]
-    latency_ms: u64,
+    #[arg(long = "latency-ms", default_value = "0", value_parser = parse_millis)]
+    latency: Duration,
 
     /// Also serve synthetic/0 … synthetic/N-1 with generated values.
-    #[arg(long, default_value_t = 0)]
-    synthetic_keys: u64,
+    #[arg(long, default_value = "0", value_parser = parse_count)]
+    synthetic_keys: usize,
 
     /// Size of each synthetic value's JSON encoding, in bytes.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value = "200", value_parser = parse_value_bytes)]
     value_bytes: usize,
 
     /// Data files larger than this are answered with ORIGIN_ERROR.
-    #[arg(long, default_value_t = DEFAULT_MAX_FILE_BYTES)]
+    #[arg(long, default_value_t = DEFAULT_MAX_FILE_BYTES, value_parser = parse_size)]
     max_file_bytes: u64,
 
     #[command(flatten)]
     server: ServerArgs,
+}
+
+/// A synthetic value is built in memory for every answer: at most 64 MiB.
+fn parse_value_bytes(s: &str) -> Result<usize, String> {
+    const MAX: usize = 64 << 20;
+    match parse_count(s)? {
+        n if n <= MAX => Ok(n),
+        n => Err(format!("{n} is out of range: at most {MAX} bytes")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -44,9 +53,11 @@ fn main() -> ExitCode {
     let config = OriginConfig {
         server: args.server.to_config(args.port),
         data_dir: args.data_dir,
-        latency: Duration::from_millis(args.latency_ms),
-        synthetic: (args.synthetic_keys > 0)
-            .then_some(Synthetic { count: args.synthetic_keys, value_bytes: args.value_bytes }),
+        latency: args.latency,
+        synthetic: (args.synthetic_keys > 0).then_some(Synthetic {
+            count: u64::try_from(args.synthetic_keys).unwrap_or(u64::MAX),
+            value_bytes: args.value_bytes,
+        }),
         max_file_bytes: args.max_file_bytes,
     };
     common::cli::exit_status("origin", origin::run(config))

@@ -1,6 +1,11 @@
 //! The origin's request handling on the shared event loop: GETs answered from the store,
 //! now or after `--latency-ms` through a loop timer; METRICS and HEALTH answered at once.
+//!
+//! A delayed GET is read from the store only when its connection has room for the answer
+//! (SPEC 3.8): a client that pipelines a thousand GETs of a big file and never reads holds
+//! about one answer, not a thousand, while the rest wait as small records (a pull).
 
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use common::metrics::{CommonMetrics, LatencyHistogram, LatencySummary};
@@ -32,6 +37,8 @@ pub struct Origin {
     counters: Counters,
     latency_us: LatencyHistogram,
     delayed: usize,
+    /// Delayed GETs whose time has come, waiting for room in their connection's output.
+    parked: HashMap<ClientId, VecDeque<Delayed>>,
     /// Reused for every value so that serving one allocates nothing in steady state.
     value_buf: Vec<u8>,
 }
@@ -45,6 +52,8 @@ struct MetricsData<'a> {
     errors: u64,
     /// GETs waiting out `--latency-ms` now.
     pending: usize,
+    /// GETs whose latency has passed, waiting for room in their connection's output.
+    waiting_for_room: usize,
     latency_ms: u64,
     data_dir: &'a str,
     latency_us: LatencySummary,
@@ -58,6 +67,7 @@ impl Origin {
             counters: Counters::default(),
             latency_us: LatencyHistogram::new(),
             delayed: 0,
+            parked: HashMap::new(),
             value_buf: Vec::new(),
         }
     }
@@ -84,6 +94,11 @@ impl Origin {
         self.latency_us.record(received.elapsed());
     }
 
+    fn answer_delayed(&mut self, ctx: &mut Ctx<Delayed>, delayed: Delayed) {
+        let id = delayed.id.as_deref().and_then(Id::from_raw_json);
+        ctx.complete(delayed.ticket, |out| self.answer_get(&delayed.key, id, delayed.received, out));
+    }
+
     fn metrics<T>(&self, ctx: &Ctx<T>) -> MetricsData<'_> {
         MetricsData {
             common: ctx.common_metrics("origin"),
@@ -91,7 +106,8 @@ impl Origin {
             not_found: self.counters.not_found,
             errors: self.counters.errors,
             pending: self.delayed,
-            latency_ms: self.latency.as_millis() as u64,
+            waiting_for_room: self.parked.values().map(VecDeque::len).sum(),
+            latency_ms: u64::try_from(self.latency.as_millis()).unwrap_or(u64::MAX),
             data_dir: self.store.data_dir().to_str().unwrap_or("?"),
             latency_us: self.latency_us.summary(),
         }
@@ -149,7 +165,30 @@ impl Service for Origin {
 
     fn on_timer(&mut self, ctx: &mut Ctx<Delayed>, delayed: Delayed) {
         self.delayed -= 1;
-        let id = delayed.id.as_deref().and_then(Id::from_raw_json);
-        ctx.complete(delayed.ticket, |out| self.answer_get(&delayed.key, id, delayed.received, out));
+        let client = delayed.ticket.client();
+        if let Some(queue) = self.parked.get_mut(&client) {
+            // Behind others already waiting for room: keep their order.
+            return queue.push_back(delayed);
+        }
+        if ctx.has_room(client) {
+            return self.answer_delayed(ctx, delayed);
+        }
+        self.parked.entry(client).or_default().push_back(delayed);
+        ctx.notify_room(client);
+    }
+
+    fn on_room(&mut self, ctx: &mut Ctx<Delayed>, client: ClientId) {
+        let Some(mut queue) = self.parked.remove(&client) else { return };
+        if !ctx.is_connected(client) {
+            return;
+        }
+        while ctx.has_room(client) {
+            let Some(delayed) = queue.pop_front() else { return };
+            self.answer_delayed(ctx, delayed);
+        }
+        if !queue.is_empty() {
+            self.parked.insert(client, queue);
+            ctx.notify_room(client);
+        }
     }
 }

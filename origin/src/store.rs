@@ -3,8 +3,9 @@
 //!
 //! Kept apart from the event loop: a lookup is a plain function of the key.
 
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::IgnoredAny;
@@ -31,6 +32,8 @@ const SYNTHETIC_PREFIX: &str = "synthetic/";
 #[derive(Debug)]
 pub struct Store {
     data_dir: PathBuf,
+    /// `data_dir` with every symlink resolved: a data file must resolve to a path under it.
+    real_dir: PathBuf,
     max_file_bytes: u64,
     synthetic: Option<Synthetic>,
 }
@@ -47,7 +50,8 @@ impl Store {
                 format!("data directory {} is not a directory", data_dir.display()),
             ));
         }
-        Ok(Store { data_dir: data_dir.to_path_buf(), max_file_bytes, synthetic })
+        let real_dir = std::fs::canonicalize(data_dir)?;
+        Ok(Store { data_dir: data_dir.to_path_buf(), real_dir, max_file_bytes, synthetic })
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -67,14 +71,33 @@ impl Store {
         self.read_file(key, out)
     }
 
+    /// Serves only regular files inside the data directory (SPEC 3.8): a symlink leading
+    /// outside it is NOT_FOUND, and a FIFO, device or socket is refused before anything opens
+    /// it (opening a FIFO for reading blocks until a writer comes: the whole loop would stop).
     fn read_file(&self, key: &str, out: &mut Vec<u8>) -> Lookup {
         let mut path = self.data_dir.join(key);
         path.as_mut_os_string().push(".json");
-        let file = match File::open(&path) {
+        let missing = |e: &io::Error| matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory);
+        let real = match std::fs::canonicalize(&path) {
+            Ok(real) => real,
+            Err(e) if missing(&e) => return Lookup::NotFound,
+            Err(e) => return Lookup::Error(format!("cannot read data file: {e}")),
+        };
+        if !real.starts_with(&self.real_dir) {
+            return Lookup::NotFound;
+        }
+        match std::fs::metadata(&real) {
+            Ok(meta) if meta.is_dir() => return Lookup::NotFound,
+            Ok(meta) if !meta.is_file() => return Lookup::Error("data file is not a regular file".into()),
+            Ok(_) => {}
+            Err(e) if missing(&e) => return Lookup::NotFound,
+            Err(e) => return Lookup::Error(format!("cannot read data file: {e}")),
+        }
+        // Non-blocking and not following a symlink: if the path was swapped for a FIFO or a
+        // link since the checks above, the open fails or returns at once instead of blocking.
+        let file = match OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW).open(&real) {
             Ok(file) => file,
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
-                return Lookup::NotFound
-            }
+            Err(e) if missing(&e) => return Lookup::NotFound,
             Err(e) => return Lookup::Error(format!("cannot read data file: {e}")),
         };
         match file.metadata() {
@@ -86,11 +109,11 @@ impl Store {
         }
         let start = out.len();
         // Read at most one byte past the limit, in case the file grew since the stat.
-        if let Err(e) = file.take(self.max_file_bytes + 1).read_to_end(out) {
+        if let Err(e) = file.take(self.max_file_bytes.saturating_add(1)).read_to_end(out) {
             out.truncate(start);
             return Lookup::Error(format!("cannot read data file: {e}"));
         }
-        if (out.len() - start) as u64 > self.max_file_bytes {
+        if u64::try_from(out.len() - start).unwrap_or(u64::MAX) > self.max_file_bytes {
             out.truncate(start);
             return self.too_large();
         }

@@ -2,7 +2,9 @@
 //!
 //! A plain data structure, no sockets: concurrent misses on one key join one fetch
 //! (coalescing); at most `max_in_flight` fetches run at once and the rest wait in FIFO order;
-//! at most `max_pending` requests wait on the origin in all. The proxy's event loop asks it
+//! at most `max_pending` requests wait on the origin in all. Waiting means queued behind the
+//! in-flight limit or coalesced onto another request's fetch; the request whose own fetch is
+//! running is not waiting (SPEC 3.3: inflight 1 and pending 5 accept 6 distinct misses). The proxy's event loop asks it
 //! what to do and tells it what happened.
 
 use std::collections::{HashMap, VecDeque};
@@ -71,7 +73,8 @@ impl<W> Fetches<W> {
         }
     }
 
-    /// Requests waiting on the origin now (queued or coalesced or running).
+    /// Requests waiting on the origin now: queued, or coalesced onto a running fetch (the
+    /// first request of a running fetch is not waiting).
     pub fn waiting(&self) -> usize {
         self.waiting
     }
@@ -95,15 +98,19 @@ impl<W> Fetches<W> {
     /// Adds a request that missed on `key`; hands the waiter back when `max_pending`
     /// requests already wait on the origin.
     pub fn join(&mut self, key: &str, waiter: W) -> Result<Joined, W> {
-        if self.waiting >= self.max_pending {
+        let start = self.running < self.max_in_flight;
+        let coalesces = self.by_key.contains_key(key);
+        if (coalesces || !start) && self.waiting >= self.max_pending {
             return Err(waiter);
         }
-        self.waiting += 1;
         if let Some(&id) = self.by_key.get(key) {
+            self.waiting += 1;
             self.fetches[id].waiters.push(waiter);
             return Ok(Joined::Coalesced(id));
         }
-        let start = self.running < self.max_in_flight;
+        if !start {
+            self.waiting += 1;
+        }
         let state = if start { FetchState::Running } else { FetchState::Queued };
         let fetch = Fetch {
             key: key.into(),
@@ -132,7 +139,8 @@ impl<W> Fetches<W> {
         if self.by_key.get(&fetch.key) == Some(&id) {
             self.by_key.remove(&fetch.key);
         }
-        self.waiting -= fetch.waiters.len();
+        let owner_running = usize::from(fetch.state == FetchState::Running && !fetch.waiters.is_empty());
+        self.waiting -= fetch.waiters.len() - owner_running;
         match fetch.state {
             FetchState::Running => self.running -= 1,
             FetchState::Queued => self.queue.retain(|queued| *queued != id),
@@ -148,6 +156,10 @@ impl<W> Fetches<W> {
         let id = self.queue.pop_front()?;
         self.fetches[id].state = FetchState::Running;
         self.running += 1;
+        // Its first request is no longer waiting: its own fetch is in flight.
+        if !self.fetches[id].waiters.is_empty() {
+            self.waiting -= 1;
+        }
         Some(id)
     }
 
@@ -172,7 +184,7 @@ mod tests {
         for w in 2..=100 {
             assert_eq!(f.join("a", w), Ok(Joined::Coalesced(0)));
         }
-        assert_eq!(f.waiting(), 100);
+        assert_eq!(f.waiting(), 99, "the first request's own fetch is in flight: it does not wait");
         let fetch = f.finish(0).unwrap();
         assert_eq!(fetch.waiters, (1..=100).collect::<Vec<_>>());
         assert_eq!((f.waiting(), f.running()), (0, 0));
@@ -203,15 +215,27 @@ mod tests {
 
     #[test]
     fn max_pending_bounds_every_waiting_request() {
-        let mut f = Fetches::new(1, 3);
+        let mut f = Fetches::new(1, 2);
         let Ok(Joined::Start(a)) = f.join("a", 1) else { panic!() };
+        assert_eq!(f.waiting(), 0);
         assert_eq!(f.join("a", 2), Ok(Joined::Coalesced(a)));
         assert!(matches!(f.join("b", 3), Ok(Joined::Queued(_))));
         assert_eq!(f.join("a", 4), Err(4), "coalescing counts against the bound too");
         assert_eq!(f.join("c", 5), Err(5));
         f.finish(a);
         assert_eq!(f.waiting(), 1);
+        // b's fetch runs now: b no longer waits.
+        assert!(f.start_next().is_some());
+        assert_eq!(f.waiting(), 0);
         assert!(f.join("c", 6).is_ok());
+    }
+
+    #[test]
+    fn inflight_one_and_pending_five_accept_six_distinct_misses() {
+        let mut f = Fetches::new(1, 5);
+        let accepted = (0..12).filter(|i| f.join(&format!("k{i}"), *i).is_ok()).count();
+        assert_eq!(accepted, 6);
+        assert_eq!(f.waiting(), 5);
     }
 
     #[test]

@@ -58,7 +58,9 @@ pub fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
 }
 
 pub fn bind(config: ProxyConfig) -> io::Result<Server<Proxy>> {
-    let server_config = config.server.clone();
+    let mut server_config = config.server.clone();
+    // Descriptors kept for origin connections (one per fetch in flight, a few spare).
+    server_config.fd_reserve = config.origin_max_inflight.saturating_add(8);
     Server::bind(server_config, move |addr| Ok(Proxy::new(&config, addr.port(), Instant::now())))
 }
 

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use common::cli::{parse_seconds, ServerArgs};
+use common::cli::{parse_count, parse_positive_count, parse_positive_millis, parse_seconds, parse_size, ServerArgs};
 use proxy::{CacheConfig, Policy, ProxyConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -36,11 +36,11 @@ struct Args {
     ttl: Duration,
 
     /// Most entries in the cache.
-    #[arg(long, alias = "lru_capacity", default_value_t = 10_000)]
+    #[arg(long, alias = "lru_capacity", default_value = "10000", value_parser = parse_positive_count)]
     capacity: usize,
 
     /// Most key + value bytes in the cache (unbounded if not given).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_size)]
     max_bytes: Option<u64>,
 
     /// Cache NOT_FOUND answers for this many seconds (0 = never).
@@ -52,19 +52,19 @@ struct Args {
     stale_if_error: Duration,
 
     /// How often expired entries are swept out.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    sweep_interval_ms: u64,
+    #[arg(long = "sweep-interval-ms", default_value = "1000", value_parser = parse_positive_millis)]
+    sweep_interval: Duration,
 
     /// Give up on an origin fetch after this long.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
-    origin_timeout_ms: u64,
+    #[arg(long = "origin-timeout-ms", default_value = "2000", value_parser = parse_positive_millis)]
+    origin_timeout: Duration,
 
     /// Most origin fetches at once; more wait in a queue.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
-    origin_max_inflight: u64,
+    #[arg(long, default_value = "64", value_parser = parse_positive_count)]
+    origin_max_inflight: usize,
 
     /// Most GETs waiting on the origin at once; past it, OVERLOADED.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value = "10000", value_parser = parse_count)]
     max_pending: usize,
 
     /// SO_REUSEPORT: several processes started with it share --port, each its own loop; the
@@ -100,9 +100,9 @@ fn main() -> ExitCode {
             negative_ttl: args.negative_ttl,
             stale_grace: args.stale_if_error,
         },
-        sweep_interval: Duration::from_millis(args.sweep_interval_ms),
-        origin_timeout: Duration::from_millis(args.origin_timeout_ms),
-        origin_max_inflight: args.origin_max_inflight as usize,
+        sweep_interval: args.sweep_interval,
+        origin_timeout: args.origin_timeout,
+        origin_max_inflight: args.origin_max_inflight,
         max_pending: args.max_pending,
     };
     common::cli::exit_status("proxy", proxy::run(config))

@@ -1,14 +1,16 @@
 //! The proxy's request handling on the shared event loop.
 //!
-//! A GET is answered from the cache when it can be (copying the stored bytes into the
-//! client's output); otherwise it waits on an origin fetch, shared with every other request
+//! A GET is answered from the cache when it can be (copying a small stored value into the
+//! client's output, sharing a big one by reference, SPEC 3.8); otherwise it waits on an origin fetch, shared with every other request
 //! for the same key. Fetches run on the loop without blocking, so hits and other clients are
 //! served while the origin is slow.
 
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
+use common::framing::SharedBytes;
 use common::metrics::{ratio, CommonMetrics, LatencyHistogram, LatencySummary};
+use common::outbuf::SHARE_MIN;
 use common::protocol::{parse_request, Data, Id, Op, Reply, Status};
 use common::server::{peer_index, ClientId, Ctx, Service, Ticket};
 use log::debug;
@@ -70,6 +72,8 @@ struct Core {
     node: u16,
     origin_timeout: Duration,
     sweep_interval: Duration,
+    /// Where the head and tail around a shared value are encoded.
+    scratch: Vec<u8>,
 }
 
 pub struct Proxy {
@@ -88,6 +92,7 @@ impl Proxy {
                 node,
                 origin_timeout: config.origin_timeout,
                 sweep_interval: config.sweep_interval,
+                scratch: Vec::new(),
             },
             pool: OriginPool::new(config.origin, config.origin_max_inflight),
         }
@@ -99,7 +104,13 @@ impl Proxy {
         if let Some(cached) = core.cache.get(key, now) {
             core.counters.hits += 1;
             let node = core.node;
-            ctx.reply(client, id.is_none(), |out| encode_cached(out, cached, id, node, false));
+            if cached.value.len() < SHARE_MIN {
+                ctx.reply(client, id.is_none(), |out| encode_cached(out, cached, id, node, false));
+            } else {
+                let head = encode_around(&mut core.scratch, cached_reply(cached, id, node, false));
+                let (head, tail) = core.scratch.split_at(head);
+                ctx.reply_shared(client, id.is_none(), head, cached.value, tail);
+            }
             core.latency_us.record(now.elapsed());
             return;
         }
@@ -245,14 +256,18 @@ impl Core {
         }
         let now = ctx.now();
         let key: &str = &f.key;
-        match outcome {
-            Outcome::Value(value) if !f.purged => {
-                self.cache.insert(key, value, false, now);
+        // One copy of a fetched value, shared by the cache and every waiter's answer.
+        let shared = match &outcome {
+            Outcome::Value(value) => Some(SharedBytes::from(*value)),
+            _ => None,
+        };
+        match (&outcome, &shared) {
+            (Outcome::Value(_), Some(value)) if !f.purged => {
+                self.cache.insert_shared(key, value.clone(), false, now);
             }
-            Outcome::NotFound if !f.purged => {
-                self.cache.insert(key, b"", true, now);
-            }
-            Outcome::OriginError(_) | Outcome::Failure(_) => self.counters.origin_errors += 1,
+            // An entry stored before the key went away must not come back stale later.
+            (Outcome::NotFound, _) if f.purged || !self.cache.insert(key, b"", true, now) => self.cache.forget(key),
+            (Outcome::OriginError(_) | Outcome::Failure(_), _) => self.counters.origin_errors += 1,
             _ => {}
         }
         let stale = match &outcome {
@@ -264,8 +279,26 @@ impl Core {
             self.counters.stale_served += f.waiters.len() as u64;
         }
         let node = self.node;
+        // A big value goes to every waiter by reference: coalesced answers cost it once.
+        let big = match (&shared, stale) {
+            (_, Some(cached)) if cached.value.len() >= SHARE_MIN => Some((cached.value, true, cached.negative)),
+            (Some(value), None) if value.len() >= SHARE_MIN => Some((value, false, false)),
+            _ => None,
+        };
         for waiter in f.waiters {
             let id = waiter.id.as_deref().and_then(Id::from_raw_json);
+            if let Some((value, stale, negative)) = big {
+                let reply = if stale {
+                    cached_reply(Cached { value, negative }, id, node, true)
+                } else {
+                    fetched_reply(Status::Ok, Data::Json(b""), id, node)
+                };
+                let head = encode_around(&mut self.scratch, reply);
+                let (head, tail) = self.scratch.split_at(head);
+                ctx.complete_shared(waiter.ticket, head, value, tail);
+                self.latency_us.record(waiter.received.elapsed());
+                continue;
+            }
             ctx.complete(waiter.ticket, |out| match (&outcome, stale) {
                 (_, Some(cached)) => encode_cached(out, cached, id, node, true),
                 (Outcome::Value(value), _) => encode_fetched(out, Status::Ok, Data::Json(value), id, node),
@@ -281,21 +314,40 @@ impl Core {
 }
 
 /// A cache hit (or a stale answer): OK with the stored bytes, or a cached NOT_FOUND.
-fn encode_cached(out: &mut Vec<u8>, cached: Cached<'_>, id: Option<Id<'_>>, node: u16, stale: bool) {
+fn cached_reply<'a>(cached: Cached<'a>, id: Option<Id<'a>>, node: u16, stale: bool) -> Reply<'a> {
     let mut reply = if cached.negative { Reply::new(Status::NotFound, Data::Null) } else { Reply::ok(cached.value) };
     reply.id = id;
     reply.cache_hit = Some(true);
     reply.node = Some(node);
     reply.stale = stale;
-    reply.encode(out);
+    reply
 }
 
-fn encode_fetched(out: &mut Vec<u8>, status: Status, data: Data<'_>, id: Option<Id<'_>>, node: u16) {
+fn encode_cached(out: &mut Vec<u8>, cached: Cached<'_>, id: Option<Id<'_>>, node: u16, stale: bool) {
+    cached_reply(cached, id, node, stale).encode(out);
+}
+
+fn fetched_reply<'a>(status: Status, data: Data<'a>, id: Option<Id<'a>>, node: u16) -> Reply<'a> {
     let mut reply = Reply::new(status, data);
     reply.id = id;
     reply.cache_hit = Some(false);
     reply.node = Some(node);
-    reply.encode(out);
+    reply
+}
+
+fn encode_fetched(out: &mut Vec<u8>, status: Status, data: Data<'_>, id: Option<Id<'_>>, node: u16) {
+    fetched_reply(status, data, id, node).encode(out);
+}
+
+/// Encodes an OK `reply` without its data into `scratch` and returns where the data would go:
+/// the head and tail that surround a shared value.
+fn encode_around(scratch: &mut Vec<u8>, mut reply: Reply<'_>) -> usize {
+    const HEAD: &[u8] = b"{\"status\":\"OK\",\"data\":";
+    reply.data = Data::Json(b"");
+    scratch.clear();
+    reply.encode(scratch);
+    debug_assert!(scratch.starts_with(HEAD));
+    HEAD.len().min(scratch.len())
 }
 
 #[derive(Deserialize)]
@@ -318,7 +370,11 @@ fn classify(line: &[u8]) -> Outcome<'_> {
         ("OK", None) => Outcome::Failure("origin answered OK without data".into()),
         ("NOT_FOUND", _) => Outcome::NotFound,
         ("ORIGIN_ERROR", data) => Outcome::OriginError(data.map_or(&b"null"[..], |d| d.get().as_bytes())),
-        (other, _) => Outcome::Failure(format!("origin answered {}", &other[..other.len().min(40)]).into()),
+        // Shown by characters, not bytes: a status is any text (SPEC 3.8).
+        (other, _) => {
+            let shown: String = other.chars().take(40).collect();
+            Outcome::Failure(format!("origin answered {shown:?}").into())
+        }
     }
 }
 

@@ -91,6 +91,22 @@ fn kebab_case_flags_with_fractional_seconds() {
         (m["cache_type"].as_str(), m["capacity"].as_u64(), m["max_bytes"].as_u64()),
         (Some("ttl"), Some(3), Some(100000))
     );
+    // --ttl 0.5 takes effect: a hit at once, a miss once half a second has passed (and not
+    // before 0.4 s: the fraction was not rounded down to zero).
+    let mut c = LineClient::connect(proxy.addr()).unwrap();
+    let stored = std::time::Instant::now();
+    assert_eq!(c.request("GET article/1").unwrap()["cache_hit"], false);
+    let mut hit_until = Duration::ZERO;
+    assert!(common::testkit::wait_until(Duration::from_secs(5), || {
+        let hit = c.request("GET article/1").unwrap()["cache_hit"] == true;
+        if hit {
+            hit_until = stored.elapsed();
+        }
+        !hit
+    }));
+    let expired_after = stored.elapsed();
+    assert!(hit_until < Duration::from_millis(600), "still a hit after {hit_until:?}");
+    assert!(expired_after >= Duration::from_millis(400), "expired after only {expired_after:?}");
 }
 
 #[test]

@@ -344,17 +344,20 @@ fn too_many_requests_waiting_on_the_origin_get_overloaded() {
     config.origin_max_inflight = 1;
     let proxy = start_proxy(config);
     let mut c = LineClient::connect(proxy.addr()).unwrap();
-    c.send_raw(b"{\"op\":\"get\",\"key\":\"article/1\",\"id\":1}\n{\"op\":\"get\",\"key\":\"article/2\",\"id\":2}\n{\"op\":\"get\",\"key\":\"article/3\",\"id\":3}\n").unwrap();
+    // SPEC 3.3: the first GET's own fetch is in flight (not waiting); two wait queued; the
+    // fourth is past --max-pending.
+    let burst: String = (1..=4).map(|i| format!("{{\"op\":\"get\",\"key\":\"article/{i}\",\"id\":{i}}}\n")).collect();
+    c.send_raw(burst.as_bytes()).unwrap();
     let first = c.recv().unwrap();
-    assert_eq!((first["status"].as_str(), first["id"].as_u64()), (Some("OVERLOADED"), Some(3)));
-    // The connection stays, and the two admitted requests (one queued behind the other) finish.
-    let mut rest = [c.recv().unwrap(), c.recv().unwrap()];
+    assert_eq!((first["status"].as_str(), first["id"].as_u64()), (Some("OVERLOADED"), Some(4)));
+    // The connection stays, and the three admitted requests (two queued behind the first) finish.
+    let mut rest = [c.recv().unwrap(), c.recv().unwrap(), c.recv().unwrap()];
     rest.sort_by_key(|a| a["id"].as_u64());
-    assert_eq!(rest.map(|a| a["status"].as_str().unwrap().to_owned()), ["OK", "OK"]);
+    assert_eq!(rest.map(|a| a["status"].as_str().unwrap().to_owned()), ["OK", "OK", "OK"]);
     let m = metrics(proxy.addr()).unwrap();
     assert_eq!(
         (m["overloaded"].as_u64(), m["misses"].as_u64(), m["origin_fetches"].as_u64()),
-        (Some(1), Some(3), Some(2))
+        (Some(1), Some(4), Some(3))
     );
 }
 

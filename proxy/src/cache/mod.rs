@@ -1,16 +1,20 @@
 //! The proxy's cache: one interface, two eviction policies (SPEC 3.2).
 //!
 //! Layout, chosen for memory per entry and O(1) operations:
-//! - each entry is one slab slot holding a single heap block with the key bytes followed by
-//!   the value's already-encoded JSON, so a hit is answered by copying bytes;
+//! - each entry is one slab slot holding its key bytes and the value's already-encoded JSON
+//!   as [`SharedBytes`], so a hit is answered from those bytes: copied when small, shared
+//!   by reference when big (so many answers of one big value cost it once, SPEC 3.8);
 //! - a [`KeyIndex`] maps keys to slots (4-byte buckets, keys not duplicated);
 //! - entries sit on intrusive doubly-linked lists ("lanes") threaded through the slots.
 //!
-//! LRU keeps lane 0 in recency order (a hit moves the entry to the tail; the head is
-//! evicted). TTL keeps each lane in insertion order. Every entry of a lane has the same
-//! time to live (`--ttl` for lane 0, `--negative-ttl` for cached NOT_FOUNDs on lane 1), and the
-//! clock only moves forward, so insertion order *is* expiry order: the entry that expires
-//! soonest is at a lane head, and the sweep walks lane heads. No operation scans.
+//! LRU keeps every entry, cached NOT_FOUNDs included, on lane 0 in recency order (a hit moves
+//! the entry to the tail; the head is evicted), so a client asking for unique missing keys
+//! cannot push out entries used more recently (SPEC 3.8). An expired NOT_FOUND there goes
+//! when it is looked up or reaches the head. TTL keeps each lane in insertion order. Every
+//! entry of a TTL lane has the same time to live (`--ttl` for lane 0, `--negative-ttl` for
+//! cached NOT_FOUNDs on lane 1), and the clock only moves forward, so insertion order *is*
+//! expiry order: the entry that expires soonest is at a lane head, and the sweep walks lane
+//! heads. No operation scans.
 //!
 //! Time is an input (`now: Instant`) everywhere, so tests drive the clock.
 
@@ -18,6 +22,7 @@ mod index;
 
 use std::time::{Duration, Instant};
 
+use common::framing::SharedBytes;
 use slab::Slab;
 
 use index::{KeyIndex, Keyed};
@@ -69,7 +74,7 @@ pub struct CacheStats {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cached<'a> {
     /// The encoded `data` of an OK answer; empty for a cached NOT_FOUND.
-    pub value: &'a [u8],
+    pub value: &'a SharedBytes,
     pub negative: bool,
 }
 
@@ -77,29 +82,35 @@ const NIL: u32 = u32::MAX;
 const MAIN: usize = 0;
 const NEGATIVE: usize = 1;
 
-/// One cache slot. 40 bytes: the block, the expiry in milliseconds, and list links.
+/// One cache slot. 56 bytes: the key, the value, the expiry in milliseconds, and list links.
 #[derive(Debug)]
 struct Entry {
-    /// Key bytes, then value bytes.
-    block: Box<[u8]>,
+    key: Box<[u8]>,
+    value: SharedBytes,
     /// Milliseconds since the cache's epoch at which this entry stops being fresh;
     /// `u64::MAX` for never.
     expires_ms: u64,
     hash: u32,
     prev: u32,
     next: u32,
-    key_len: u16,
     lane: u8,
+    negative: bool,
 }
 
 impl Entry {
     fn key(&self) -> &[u8] {
-        &self.block[..self.key_len as usize]
+        &self.key
     }
 
-    fn value(&self) -> &[u8] {
-        &self.block[self.key_len as usize..]
+    fn size(&self) -> u64 {
+        u64::try_from(self.key.len().saturating_add(self.value.len())).unwrap_or(u64::MAX)
     }
+}
+
+/// Milliseconds of a duration, saturating (flags are bounded at start-up; this is the second
+/// line of defence against a wrapping cast).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -123,6 +134,8 @@ pub struct Cache {
     lanes: [Lane; 2],
     epoch: Instant,
     stats: CacheStats,
+    /// The value of every cached NOT_FOUND (shared, so they allocate nothing for it).
+    empty: SharedBytes,
 }
 
 impl std::fmt::Debug for Cache {
@@ -144,6 +157,7 @@ impl Cache {
             lanes: [Lane { head: NIL, tail: NIL }; 2],
             epoch,
             stats: CacheStats::default(),
+            empty: SharedBytes::from(&[][..]),
             config,
         }
     }
@@ -165,11 +179,11 @@ impl Cache {
     }
 
     fn ms(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.epoch).as_millis() as u64
+        millis(at.saturating_duration_since(self.epoch))
     }
 
     fn grace_ms(&self) -> u64 {
-        self.config.stale_grace.as_millis() as u64
+        millis(self.config.stale_grace)
     }
 
     /// A fresh entry for `key`, if there is one. Under LRU a hit makes the entry the most
@@ -186,12 +200,12 @@ impl Cache {
             }
             return None;
         }
-        if self.config.policy == Policy::Lru && entry.lane as usize == MAIN {
+        if self.config.policy == Policy::Lru {
             self.unlink(slot);
             self.push_tail(slot, MAIN);
         }
         let entry = &self.entries.0[slot as usize];
-        Some(Cached { value: entry.value(), negative: entry.lane as usize == NEGATIVE })
+        Some(Cached { value: &entry.value, negative: entry.negative })
     }
 
     /// An expired entry for `key` that expired less than the stale grace ago: what
@@ -201,7 +215,7 @@ impl Cache {
         let entry = &self.entries.0[slot as usize];
         let now_ms = self.ms(now);
         let stale = now_ms >= entry.expires_ms && now_ms < entry.expires_ms.saturating_add(self.grace_ms());
-        stale.then(|| Cached { value: entry.value(), negative: entry.lane as usize == NEGATIVE })
+        stale.then_some(Cached { value: &entry.value, negative: entry.negative })
     }
 
     /// Stores an OK answer's encoded data (`negative == false`) or a NOT_FOUND (`negative ==
@@ -209,8 +223,15 @@ impl Cache {
     /// is not stored: a NOT_FOUND while negative caching is off, or an entry that could never
     /// fit within `max_bytes`.
     pub fn insert(&mut self, key: &str, value: &[u8], negative: bool, now: Instant) -> bool {
-        let value = if negative { &[][..] } else { value };
-        let size = (key.len() + value.len()) as u64;
+        let value = if negative { self.empty.clone() } else { SharedBytes::from(value) };
+        self.insert_shared(key, value, negative, now)
+    }
+
+    /// [`Cache::insert`] of bytes already shared (the ones the waiters of a fetch are answered
+    /// from), so they are held once.
+    pub fn insert_shared(&mut self, key: &str, value: SharedBytes, negative: bool, now: Instant) -> bool {
+        let value = if negative { self.empty.clone() } else { value };
+        let size = u64::try_from(key.len().saturating_add(value.len())).unwrap_or(u64::MAX);
         let too_big = self.config.max_bytes.is_some_and(|max| size > max) || key.len() > MAX_KEY;
         if (negative && self.config.negative_ttl.is_zero()) || too_big || self.config.capacity == 0 {
             return false;
@@ -219,38 +240,52 @@ impl Cache {
             self.remove_slot(slot);
         }
         while self.stats.entries >= self.config.capacity
-            || self.config.max_bytes.is_some_and(|max| self.stats.bytes + size > max)
+            || self.config.max_bytes.is_some_and(|max| self.stats.bytes.saturating_add(size) > max)
         {
-            let Some(victim) = self.eviction_candidate(now) else { break };
+            let Some(victim) = self.eviction_candidate() else { break };
             self.remove_slot(victim);
             self.stats.evictions += 1;
         }
         let now_ms = self.ms(now);
+        let lru = self.config.policy == Policy::Lru;
         let (lane, expires_ms) = if negative {
-            (NEGATIVE, now_ms.saturating_add(self.config.negative_ttl.as_millis() as u64))
-        } else if self.config.policy == Policy::Ttl {
-            (MAIN, now_ms.saturating_add(self.config.ttl.as_millis() as u64))
+            // Under LRU a NOT_FOUND shares the recency lane (see the module comment).
+            (if lru { MAIN } else { NEGATIVE }, now_ms.saturating_add(millis(self.config.negative_ttl)))
+        } else if !lru {
+            (MAIN, now_ms.saturating_add(millis(self.config.ttl)))
         } else {
             (MAIN, u64::MAX)
         };
-        let mut block = Vec::with_capacity(key.len() + value.len());
-        block.extend_from_slice(key.as_bytes());
-        block.extend_from_slice(value);
         let hash = self.index.hash(key.as_bytes());
         let slot = self.entries.0.insert(Entry {
-            block: block.into_boxed_slice(),
+            key: key.as_bytes().into(),
+            value,
             expires_ms,
             hash,
             prev: NIL,
             next: NIL,
-            key_len: key.len() as u16,
             lane: lane as u8,
-        }) as u32;
+            negative,
+        });
+        let Ok(slot) = u32::try_from(slot) else {
+            // More than 4 billion entries: not reachable with a usize capacity flag on a real
+            // machine, but never index with a wrapped slot.
+            self.entries.0.remove(slot);
+            return false;
+        };
         self.index.insert(hash, slot);
         self.push_tail(slot, lane);
         self.stats.entries += 1;
-        self.stats.bytes += size;
+        self.stats.bytes = self.stats.bytes.saturating_add(size);
         true
+    }
+
+    /// Forgets `key` without counting a purge: the origin said it is gone (SPEC 3.8: a key
+    /// answered NOT_FOUND is never later served stale from an older entry).
+    pub fn forget(&mut self, key: &str) {
+        if let Some(slot) = self.find(key.as_bytes()) {
+            self.remove_slot(slot);
+        }
     }
 
     /// PURGE: removes the key; true if it was held (counted in `purges`).
@@ -288,9 +323,8 @@ impl Cache {
     }
 
     /// The entry to evict next. TTL: the one expiring soonest (a lane head; on a tie, the
-    /// main lane). LRU: an expired cached NOT_FOUND if there is one, else the least recently
-    /// used entry, else the oldest NOT_FOUND.
-    fn eviction_candidate(&self, now: Instant) -> Option<u32> {
+    /// main lane). LRU: the least recently used entry, cached NOT_FOUNDs included.
+    fn eviction_candidate(&self) -> Option<u32> {
         let head = |lane: usize| Some(self.lanes[lane].head).filter(|h| *h != NIL);
         let expires = |slot: u32| self.entries.0[slot as usize].expires_ms;
         match (self.config.policy, head(MAIN), head(NEGATIVE)) {
@@ -299,9 +333,7 @@ impl Cache {
             (Policy::Ttl, Some(main), Some(negative)) => {
                 Some(if expires(negative) < expires(main) { negative } else { main })
             }
-            (Policy::Lru, Some(main), Some(negative)) => {
-                Some(if expires(negative) <= self.ms(now) { negative } else { main })
-            }
+            (Policy::Lru, Some(main), Some(_)) => Some(main),
         }
     }
 
@@ -316,7 +348,7 @@ impl Cache {
         self.index.remove(entry.key(), entry.hash, &self.entries);
         let entry = self.entries.0.remove(slot as usize);
         self.stats.entries -= 1;
-        self.stats.bytes -= entry.block.len() as u64;
+        self.stats.bytes = self.stats.bytes.saturating_sub(entry.size());
     }
 
     fn unlink(&mut self, slot: u32) {

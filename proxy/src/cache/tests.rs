@@ -21,15 +21,15 @@ fn value(cache: &mut Cache, key: &str, now: Instant) -> Option<Vec<u8>> {
 }
 
 #[test]
-fn entries_are_forty_bytes() {
+fn entries_are_fifty_six_bytes() {
     /// Same layout as one slot of `Slab<Entry>`: a vacant link or the entry.
     #[allow(dead_code)]
     enum SlabSlot {
         Vacant(usize),
         Occupied(Entry),
     }
-    assert_eq!(std::mem::size_of::<Entry>(), 40);
-    assert!(std::mem::size_of::<SlabSlot>() <= 48);
+    assert_eq!(std::mem::size_of::<Entry>(), 56);
+    assert!(std::mem::size_of::<SlabSlot>() <= 64);
 }
 
 #[test]
@@ -132,12 +132,36 @@ fn negative_entries_are_cached_only_with_a_negative_ttl() {
     cfg.negative_ttl = ms(500);
     let mut cache = Cache::new(cfg, t0);
     assert!(cache.insert("gone", b"ignored", true, t0));
-    assert_eq!(cache.get("gone", t0 + ms(499)), Some(Cached { value: b"", negative: true }));
+    assert_eq!(cache.get("gone", t0 + ms(499)).map(|c| (c.value.to_vec(), c.negative)), Some((Vec::new(), true)));
     assert_eq!(cache.get("gone", t0 + ms(500)), None);
     assert_eq!(cache.stats().expirations, 1);
-    // The LRU sweep reclaims expired NOT_FOUNDs too.
+    // Under LRU a NOT_FOUND sits in recency order, not expiry order: the sweep leaves it, a
+    // lookup after its expiry removes it.
     cache.insert("gone2", b"", true, t0 + ms(600));
-    assert_eq!(cache.sweep(t0 + ms(1100), 10), 1);
+    assert_eq!(cache.sweep(t0 + ms(1100), 10), 0);
+    assert_eq!(cache.get("gone2", t0 + ms(1100)), None);
+    assert!(cache.is_empty());
+}
+
+#[test]
+fn lru_not_found_entries_never_push_out_more_recent_ones() {
+    let t0 = Instant::now();
+    let mut cfg = config(Policy::Lru, 3);
+    cfg.negative_ttl = Duration::from_secs(60);
+    let mut cache = Cache::new(cfg, t0);
+    assert!(cache.insert("miss1", b"", true, t0));
+    assert!(cache.insert("miss2", b"", true, t0));
+    cache.insert("a", b"1", false, t0);
+    // A fourth entry evicts the least recently used: miss1, not a.
+    cache.insert("b", b"2", false, t0);
+    assert!(value(&mut cache, "a", t0).is_some());
+    assert!(value(&mut cache, "b", t0).is_some());
+    // Alternating a and b now always hits.
+    for i in 0..10 {
+        let key = if i % 2 == 0 { "a" } else { "b" };
+        assert!(value(&mut cache, key, t0).is_some(), "{key} was pushed out");
+    }
+    assert_eq!(cache.get("miss1", t0), None);
 }
 
 #[test]
@@ -201,7 +225,7 @@ impl Model {
             }
             return None;
         }
-        if self.cfg.policy == Policy::Lru && !item.negative {
+        if self.cfg.policy == Policy::Lru {
             let t = self.tick();
             self.items[pos].used = t;
         }
@@ -220,15 +244,10 @@ impl Model {
         };
         match self.cfg.policy {
             Policy::Ttl => by(&|i| (i.expires, i.negative as u64, i.inserted)),
+            // Cached NOT_FOUNDs take part in LRU order like any entry (SPEC 3.8).
             Policy::Lru => {
-                let oldest_negative =
-                    self.items.iter().enumerate().filter(|(_, i)| i.negative).min_by_key(|(_, i)| i.inserted);
-                let lru = self.items.iter().enumerate().filter(|(_, i)| !i.negative).min_by_key(|(_, i)| i.used);
-                match (lru, oldest_negative) {
-                    (_, Some((p, i))) if i.expires <= now => Some(p),
-                    (Some((p, _)), _) => Some(p),
-                    (None, n) => n.map(|(p, _)| p),
-                }
+                let _ = now;
+                by(&|i| (i.used, 0, 0))
             }
         }
     }
@@ -273,7 +292,9 @@ impl Model {
     }
 
     fn sweep(&mut self, now: u64, budget: usize) -> usize {
-        let lanes: &[bool] = if self.cfg.policy == Policy::Ttl { &[false, true] } else { &[true] };
+        // Under LRU every entry is in recency order, not expiry order: expired ones go when
+        // looked up or evicted, not by the sweep.
+        let lanes: &[bool] = if self.cfg.policy == Policy::Ttl { &[false, true] } else { &[] };
         let mut removed = 0;
         for &negative in lanes {
             loop {
