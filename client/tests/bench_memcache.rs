@@ -30,7 +30,7 @@ fn fake_memcached() -> std::net::SocketAddr {
                     let n: u64 = key.rsplit('/').next().and_then(|n| n.parse().ok()).unwrap_or(1);
                     let answer = if n == 5 {
                         b"SERVER_ERROR out of memory\r\n".to_vec()
-                    } else if n % 2 == 0 {
+                    } else if n.is_multiple_of(2) {
                         let mut a = format!("VALUE {key} 0 {}\r\n", value.len()).into_bytes();
                         a.extend_from_slice(&value);
                         a.extend_from_slice(b"\r\nEND\r\n");

@@ -403,7 +403,7 @@ impl<T> Ctx<T> {
     /// Whether `client`'s output is within its bound, so that a big answer made now would not
     /// overshoot it by more than that answer. True for a client that has gone.
     pub fn has_room(&self, client: ClientId) -> bool {
-        self.live_index(client).map_or(true, |index| self.clients[index].out.counted() <= self.config.output_limit)
+        self.live_index(client).is_none_or(|index| self.clients[index].out.counted() <= self.config.output_limit)
     }
 
     /// Asks for [`Service::on_room`] once `client` has room for output again (or has gone).
