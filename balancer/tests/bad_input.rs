@@ -219,7 +219,6 @@ const COLLAPSE_RSS_BOUND_KIB: u64 = 16 * 1024;
 /// SPEC 3.8 at the balancer: 1,000 pipelined GETs of one 256 KiB value, collapsed onto one
 /// upstream request, for a client that never reads: the answers share the value's bytes.
 #[test]
-#[ignore = "needs collapsed followers answered with Ctx::complete_shared (the balancer rewrite); measured 250 MiB without"]
 fn collapsed_answers_to_a_client_that_never_reads_stay_bounded() {
     use common::testkit::ChildService;
     use common::testkit::{data_dir_with_big_value, rss_growth_under_a_non_reading_client, workspace_bin};
@@ -305,7 +304,6 @@ fn every_origin_and_proxy_fuzz_crasher_is_replayed() {
 /// unchanged: an answer without `data`, or not JSON at all (SPEC 2.3). The relay is the
 /// balancer's, being rewritten elsewhere; this replays the input once that lands.
 #[test]
-#[ignore = "balancer relays proxy answers without data, or not UTF-8, unchanged; the fix belongs to the balancer rewrite"]
 fn every_balancer_fuzz_crasher_is_replayed() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     assert!(replay_crashers("balancer_service") >= 1);
