@@ -43,7 +43,7 @@ fn keep_alive_serves_many_requests_on_one_connection() {
     let mut stream = TcpStream::connect(c.proxies[0].admin).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     // Pipelined, then one by one.
-    stream.write_all(b"GET /healthz HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\nGET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
     assert_eq!(read_response(&mut stream).unwrap().text(), "ok");
     assert!(read_response(&mut stream).unwrap().text().contains("cachetier_cache_hits_total"));
     for _ in 0..20 {
@@ -51,7 +51,7 @@ fn keep_alive_serves_many_requests_on_one_connection() {
         assert_eq!(read_response(&mut stream).unwrap().status, 200);
     }
     // Connection: close is honoured.
-    stream.write_all(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
     assert_eq!(read_response(&mut stream).unwrap().status, 200);
     let mut rest = Vec::new();
     assert_eq!(stream.read_to_end(&mut rest).unwrap(), 0);
@@ -173,7 +173,7 @@ fn bad_admin_clients_cost_the_line_protocol_nothing() {
     greedy.set_nonblocking(true).unwrap();
     // It keeps sending for up to 2 s (at most 100,000 requests): a service that read them all
     // and buffered every answer would grow by hundreds of MB (checked below).
-    let scrape = b"GET /metrics HTTP/1.1\r\n\r\n".repeat(100_000);
+    let scrape = b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n".repeat(100_000);
     let mut sent = 0;
     let started = Instant::now();
     while sent < scrape.len() && started.elapsed() < Duration::from_secs(2) {

@@ -90,12 +90,27 @@ impl std::fmt::Debug for AccessLog {
 fn open(target: &Target) -> io::Result<Sink> {
     match target {
         Target::Stderr => Ok(Sink::Stderr),
-        Target::File(path) => OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        Target::File(path) => open_file(path)
             .map(Sink::File)
             .map_err(|e| io::Error::new(e.kind(), format!("--access-log {}: {e}", path.display()))),
+    }
+}
+
+/// Opens the log for appending without ever blocking the loop: O_NONBLOCK, so a FIFO with no
+/// reader cannot hold `open(2)` (at start-up, or on SIGUSR1 in a running service), and then
+/// only a regular file or a character device (/dev/null, /dev/full, a terminal) is kept. A
+/// FIFO or socket is refused: a slow reader would stall every write, and so every client.
+fn open_file(path: &std::path::Path) -> io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = OpenOptions::new().create(true).append(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let kind = file.metadata()?.file_type();
+    if kind.is_file() || kind.is_char_device() {
+        Ok(file)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO or socket could block the service)",
+        ))
     }
 }
 
@@ -290,6 +305,37 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cachetier-access-{}-{name}", std::process::id()));
         let _ = std::fs::remove_file(&dir);
         dir
+    }
+
+    /// Opens `target` on a thread and waits a bounded time: an open that blocks (a FIFO with
+    /// no reader, opened without O_NONBLOCK) fails the test instead of hanging it.
+    fn open_within_a_second(target: Target) -> Option<io::Result<AccessLog>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(AccessLog::open(target));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(1)).ok()
+    }
+
+    #[test]
+    fn a_fifo_is_refused_at_once_and_a_reopen_onto_one_keeps_the_old_file() {
+        let fifo = temp("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo runs");
+        assert!(made.success(), "mkfifo failed");
+        let opened = open_within_a_second(Target::File(fifo.clone())).expect("opening a FIFO blocked");
+        assert!(opened.is_err(), "a FIFO was accepted as the access log");
+        // A running log whose path becomes a FIFO (a bad logrotate) keeps its old file.
+        let path = temp("fifo-reopen");
+        let mut log = AccessLog::open(Target::File(path.clone())).expect("open");
+        std::fs::remove_file(&path).expect("remove");
+        std::fs::rename(&fifo, &path).expect("rename the FIFO into place");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            log.reopen();
+            let _ = tx.send(matches!(log.sink, Sink::File(_)));
+        });
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(1)), Ok(true), "reopen blocked or lost the file");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
