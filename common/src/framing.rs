@@ -143,7 +143,7 @@ impl OutBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn split_in_chunks(input: &[u8], chunk: usize, max_line: usize) -> (Vec<Vec<u8>>, bool) {
@@ -194,11 +194,12 @@ mod tests {
         assert_eq!(next_frame(b"abcde", 4), Frame::TooLong);
     }
 
-    /// A writer that takes at most `per_call` bytes per write and then blocks after `budget`.
-    struct Trickle {
-        taken: Vec<u8>,
-        per_call: usize,
-        budget: usize,
+    /// A writer that takes at most `per_call` bytes per write and then blocks after `budget`
+    /// (also used by the output queue's tests).
+    pub(crate) struct Trickle {
+        pub(crate) taken: Vec<u8>,
+        pub(crate) per_call: usize,
+        pub(crate) budget: usize,
     }
 
     impl Write for Trickle {

@@ -264,26 +264,7 @@ impl Output {
 mod tests {
     use super::*;
 
-    /// Takes at most `budget` bytes, then blocks; records what it took.
-    struct Trickle {
-        taken: Vec<u8>,
-        budget: usize,
-    }
-
-    impl Write for Trickle {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            if self.budget == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let n = buf.len().min(self.budget).min(7);
-            self.taken.extend_from_slice(&buf[..n]);
-            self.budget -= n;
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::framing::tests::Trickle;
 
     #[test]
     fn owned_and_shared_bytes_leave_in_order_through_partial_writes() {
@@ -298,7 +279,7 @@ mod tests {
         assert_eq!(out.counted(), 2 + 3 + 3 + 2 + 3 + 10_000);
         out.unpark(parked);
         out.unpark(parked_plain);
-        let mut w = Trickle { taken: Vec::new(), budget: 5_000 };
+        let mut w = Trickle { taken: Vec::new(), per_call: 7, budget: 5_000 };
         while !out.is_empty() {
             out.flush_to(&mut w).unwrap();
             w.budget = 5_000;
@@ -327,7 +308,7 @@ mod tests {
     fn a_large_buffer_is_released_once_written() {
         let mut out = Output::new();
         out.append(&vec![b'x'; 1 << 20]);
-        let mut w = Trickle { taken: Vec::new(), budget: usize::MAX };
+        let mut w = Trickle { taken: Vec::new(), per_call: 7, budget: usize::MAX };
         while !out.is_empty() {
             out.flush_to(&mut w).unwrap();
         }
