@@ -175,6 +175,9 @@ pub trait Service {
     /// The drain has begun (SIGTERM or [`ShutdownHandle::shutdown`]).
     fn on_drain(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
 
+    /// SIGHUP arrived (binaries only): re-read configuration. The default ignores it.
+    fn on_reload(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
+
     /// `client`, for which the service called [`Ctx::notify_room`], has room for output again
     /// (or has gone: then [`Ctx::complete`] drops what is given).
     fn on_room(&mut self, _ctx: &mut Ctx<Self::Timer>, _client: ClientId) {}
@@ -700,7 +703,7 @@ impl<S: Service> Server<S> {
         let registry = poll.registry().try_clone()?;
         registry.register(&mut listener, LISTENER, Interest::READABLE)?;
         let signals = if config.handle_signals {
-            let mut signals = signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGUSR1])?;
+            let mut signals = signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGHUP])?;
             registry.register(&mut signals, SIGNALS, Interest::READABLE)?;
             Some(signals)
         } else {
@@ -866,16 +869,20 @@ impl<S: Service> Server<S> {
 
     fn on_signals(&mut self) {
         let mut got = false;
-        let mut reopen = false;
+        let (mut reopen, mut reload) = (false, false);
         if let Some(signals) = self.signals.as_mut() {
             // Drain every pending signal so the edge-triggered source re-arms.
             for signal in signals.pending() {
-                if signal == libc::SIGUSR1 {
-                    reopen = true;
-                } else {
-                    got = true;
+                match signal {
+                    libc::SIGUSR1 => reopen = true,
+                    libc::SIGHUP => reload = true,
+                    _ => got = true,
                 }
             }
+        }
+        if reload {
+            info!("SIGHUP: reloading");
+            self.service.on_reload(&mut self.ctx);
         }
         if let (true, Some(log)) = (reopen, self.ctx.access_log.as_mut()) {
             info!("SIGUSR1: reopening the access log");
