@@ -2,26 +2,16 @@
 //! resolver thread, leaving proxies freed once nothing uses them, and drain/enable on the
 //! admin port. What changes is decided by `roster`; this applies it to timers and sockets.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use common::admin::{Request as AdminRequest, Response as AdminResponse};
-use common::server::{peer_token, Ctx};
+use common::server::Ctx;
 use log::{error, info, warn};
-use mio::{Token, Waker};
 
 use crate::backend::SlotState;
 use crate::resolver::Resolver;
 use crate::roster::Applied;
 use crate::service::{Balancer, Timer};
-
-/// The resolver's waker among the balancer's peer tokens: even, so it sits in the GET
-/// connections' half, far above any slab index.
-pub const RESOLVER_PEER: usize = 1 << 50;
-
-pub fn resolver_token() -> Token {
-    peer_token(RESOLVER_PEER)
-}
 
 impl Balancer {
     /// At start-up: the resolver thread (when names may appear) and the re-resolve timer.
@@ -29,8 +19,7 @@ impl Balancer {
         if !self.roster.may_need_resolver() {
             return;
         }
-        let spawned = Waker::new(ctx.registry(), resolver_token()).and_then(|w| Resolver::spawn(Arc::new(w)));
-        match spawned {
+        match Resolver::spawn(ctx.waker()) {
             Ok(resolver) => self.resolver = Some(resolver),
             Err(e) => error!("cannot start the resolver thread, names are not looked up again: {e}"),
         }

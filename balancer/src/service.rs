@@ -403,9 +403,7 @@ impl Service for Balancer {
 
     fn on_peer_event(&mut self, ctx: &mut Ctx<Timer>, token: Token, _event: &Event) {
         let Some(n) = peer_index(token) else { return };
-        if n == crate::reconfig::RESOLVER_PEER {
-            self.on_resolver_wake(ctx);
-        } else if n % 2 == 0 {
+        if n % 2 == 0 {
             self.on_link_event(ctx, n / 2);
         } else if let Some(heard) = self.exchanges.on_event(n / 2) {
             self.finish_exchange(ctx, n / 2, heard);
@@ -449,5 +447,9 @@ impl Service for Balancer {
 
     fn on_reload(&mut self, ctx: &mut Ctx<Timer>) {
         self.reload(ctx);
+    }
+
+    fn on_wake(&mut self, ctx: &mut Ctx<Timer>) {
+        self.on_resolver_wake(ctx);
     }
 }

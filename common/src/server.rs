@@ -178,6 +178,9 @@ pub trait Service {
     /// SIGHUP arrived (binaries only): re-read configuration. The default ignores it.
     fn on_reload(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
 
+    /// The loop's waker ([`Ctx::waker`]) was woken: a thread of the service has news.
+    fn on_wake(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
+
     /// `client`, for which the service called [`Ctx::notify_room`], has room for output again
     /// (or has gone: then [`Ctx::complete`] drops what is given).
     fn on_room(&mut self, _ctx: &mut Ctx<Self::Timer>, _client: ClientId) {}
@@ -210,6 +213,7 @@ pub trait Service {
 pub struct Ctx<T> {
     now: Instant,
     registry: Registry,
+    waker: Arc<Waker>,
     clients: Slab<Client>,
     timers: TimerQueue<LoopTimer<T>>,
     config: ServerConfig,
@@ -337,6 +341,12 @@ impl<T> Ctx<T> {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The loop's one waker (mio allows one per poll), for a service's helper thread to wake
+    /// the loop; each wake calls [`Service::on_wake`].
+    pub fn waker(&self) -> Arc<Waker> {
+        self.waker.clone()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -718,7 +728,7 @@ impl<S: Service> Server<S> {
             None => None,
         };
         let access_log = config.access_log.clone().map(AccessLog::open).transpose()?;
-        let shutdown = ShutdownHandle { requested: Arc::new(AtomicBool::new(false)), waker };
+        let shutdown = ShutdownHandle { requested: Arc::new(AtomicBool::new(false)), waker: waker.clone() };
         Ok(Server {
             poll,
             events: Events::with_capacity(1024),
@@ -733,6 +743,7 @@ impl<S: Service> Server<S> {
             ctx: Ctx {
                 now: Instant::now(),
                 registry,
+                waker,
                 clients: Slab::new(),
                 timers: TimerQueue::new(),
                 config,
@@ -840,6 +851,7 @@ impl<S: Service> Server<S> {
                 LISTENER => self.accept_all(),
                 SIGNALS => self.on_signals(),
                 WAKER if self.shutdown.requested.load(Ordering::SeqCst) => self.begin_drain("shutdown requested"),
+                WAKER => self.service.on_wake(&mut self.ctx),
                 Token(t) if t >= PEER_BASE => {}
                 crate::admin::LISTENER => {
                     if let Some(admin) = self.admin.as_mut() {
