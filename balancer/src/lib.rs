@@ -106,7 +106,10 @@ pub fn resolve_proxies(specs: &[ProxySpec]) -> io::Result<Vec<Member>> {
     let mut seen = std::collections::BTreeSet::new();
     let found: Vec<Member> = found.into_iter().filter(|m| seen.insert(m.addr)).collect();
     if found.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no proxy address: every proxy name failed to resolve"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no proxy address: every proxy name failed to resolve",
+        ));
     }
     Ok(found)
 }

@@ -53,7 +53,8 @@ impl Roster {
         let mut fixed = config.specs.clone();
         if fixed.is_empty() && config.proxies_file.is_none() {
             // Built in code from addresses alone (tests, embedders).
-            fixed = config.proxies.iter().map(|m| ProxySpec { host: Host::Ip(m.addr.ip()), port: m.addr.port() }).collect();
+            fixed =
+                config.proxies.iter().map(|m| ProxySpec { host: Host::Ip(m.addr.ip()), port: m.addr.port() }).collect();
         }
         Roster {
             fixed,
@@ -145,7 +146,8 @@ impl Roster {
             return Err(format!("more than {MAX_PROXIES} proxies, counting those still draining"));
         }
         let mut applied = Applied { added: p.add.len(), removed: p.remove.len(), ..Applied::default() };
-        let slot_of = |backends: &[Backend], addr: SocketAddr| backends.iter().position(|b| b.present() && b.addr == addr);
+        let slot_of =
+            |backends: &[Backend], addr: SocketAddr| backends.iter().position(|b| b.present() && b.addr == addr);
         for addr in &p.keep {
             let Some(slot) = slot_of(backends, *addr) else { continue };
             if let Some(m) = desired.iter().find(|m| m.addr == *addr) {

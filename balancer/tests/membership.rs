@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -48,8 +48,9 @@ impl Rig {
     /// `n` in-process proxies; the balancer binary starts with those `listed` in its file.
     fn start(label: &str, n: usize, listed: &[usize], strategy: &str) -> Rig {
         let origin = start_origin();
-        let proxies: Vec<RunningServer> =
-            (0..n).map(|_| RunningServer::start(proxy::bind(proxy::ProxyConfig::new(origin.addr())).unwrap())).collect();
+        let proxies: Vec<RunningServer> = (0..n)
+            .map(|_| RunningServer::start(proxy::bind(proxy::ProxyConfig::new(origin.addr())).unwrap()))
+            .collect();
         let dir = scratch(label);
         let (file, log) = (dir.join("proxies"), dir.join("balancer.log"));
         write_file(&file, &listed.iter().map(|&i| proxies[i].addr()).collect::<Vec<_>>());
@@ -211,10 +212,11 @@ fn reloads_under_load_fail_no_get() {
     let rig = Rig::start("members-load", 4, &[0, 1], "round_robin");
     assert!(rig.expect_members(&[0, 1]));
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
     let addr = rig.balancer.addr;
     let loaders: Vec<_> = (0..CLIENTS)
         .map(|t| {
-            let stop = stop.clone();
+            let (stop, done) = (stop.clone(), done.clone());
             thread::spawn(move || {
                 let mut c = LineClient::connect(addr).unwrap();
                 let (mut ok, mut failed) = (0u64, Vec::new());
@@ -224,6 +226,7 @@ fn reloads_under_load_fail_no_get() {
                         break;
                     }
                     let answer = get(&mut c, &format!("synthetic/{}", (t * 7919 + i) % 100_000));
+                    done.fetch_add(1, Ordering::SeqCst);
                     if answer["status"] == "OK" {
                         ok += 1;
                     } else {
@@ -235,8 +238,11 @@ fn reloads_under_load_fail_no_get() {
         })
         .collect();
     for set in [&[0, 1, 2][..], &[1, 2, 3], &[3, 0], &[0, 1, 2, 3], &[2]] {
+        let at = done.load(Ordering::SeqCst);
         rig.reload(set, "reloads");
         assert!(rig.expect_members(set), "set {set:?} not reached: {:?}", rig.members());
+        // Let the load run on each set for a while (bounded: the loaders stop on their own).
+        wait_until(Duration::from_secs(20), || done.load(Ordering::SeqCst) >= at + 2_000);
     }
     stop.store(true, Ordering::SeqCst);
     let (mut ok, mut failed) = (0, Vec::new());
@@ -258,9 +264,8 @@ fn a_reload_moves_only_the_keys_of_the_added_proxy() {
     let rig = Rig::start("members-hash", 5, &[0, 1, 2, 3], "consistent_hash");
     assert!(rig.expect_members(&[0, 1, 2, 3]));
     let mut c = LineClient::connect(rig.balancer.addr).unwrap();
-    let owners = |c: &mut LineClient| -> Vec<u64> {
-        (0..KEYS).map(|k| node(&get(c, &format!("synthetic/{k}")))).collect()
-    };
+    let owners =
+        |c: &mut LineClient| -> Vec<u64> { (0..KEYS).map(|k| node(&get(c, &format!("synthetic/{k}")))).collect() };
     let before = owners(&mut c);
     rig.reload(&[0, 1, 2, 3, 4], "reloads");
     assert!(rig.expect_members(&[0, 1, 2, 3, 4]));

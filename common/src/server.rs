@@ -713,7 +713,8 @@ impl<S: Service> Server<S> {
         let registry = poll.registry().try_clone()?;
         registry.register(&mut listener, LISTENER, Interest::READABLE)?;
         let signals = if config.handle_signals {
-            let mut signals = signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGHUP])?;
+            let mut signals =
+                signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGHUP])?;
             registry.register(&mut signals, SIGNALS, Interest::READABLE)?;
             Some(signals)
         } else {
