@@ -23,6 +23,9 @@ impl Balancer {
             Ok(resolver) => self.resolver = Some(resolver),
             Err(e) => error!("cannot start the resolver thread, names are not looked up again: {e}"),
         }
+        if self.roster.has_unresolved() {
+            self.look_up_names();
+        }
         let interval = self.core.config.resolve_interval;
         if !interval.is_zero() {
             ctx.schedule(ctx.now() + interval, Timer::Resolve);

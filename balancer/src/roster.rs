@@ -79,6 +79,11 @@ impl Roster {
         names
     }
 
+    /// Whether some name has no answer yet (it failed at start-up, or is new).
+    pub fn has_unresolved(&self) -> bool {
+        self.names().iter().any(|key| !self.resolved.contains_key(key))
+    }
+
     /// Whether a resolver thread may be needed: names now, or a file that may bring some.
     pub fn may_need_resolver(&self) -> bool {
         self.file.is_some() || !self.names().is_empty()
@@ -120,7 +125,12 @@ impl Roster {
             return Err("the new set lists no proxies".into());
         }
         let desired = self.desired(&specs);
-        let applied = self.apply(backends, &desired, config)?;
+        let applied = if desired.is_empty() && specs.iter().any(|s| s.name().is_some()) {
+            // Only names not looked up yet: the set changes when their answers come.
+            Applied::default()
+        } else {
+            self.apply(backends, &desired, config)?
+        };
         self.from_file = from_file;
         let names = self.names();
         self.resolved.retain(|key, _| names.contains(key));
@@ -313,6 +323,7 @@ mod tests {
         assert!((1_500..=2_500).contains(&moved.len()), "{} keys moved", moved.len());
         // Removing proxy 2 moves only its keys; where its slot sits does not matter.
         assert!(roster.apply(&mut b, &set([1, 3, 4, 5]), &config).is_ok());
+        assert_eq!(b[1].state, SlotState::Leaving, "still draining, not yet free");
         let removed = owners(&b, KEYS);
         assert!((0..KEYS).all(|k| removed[k] == after[k] || after[k] == addr(2)));
         assert!(removed.iter().all(|a| *a != addr(2)));
