@@ -23,10 +23,17 @@ pub struct ProxySums {
 
 #[derive(Debug)]
 pub struct Backend {
-    /// `host:port` as given on the command line; the key in METRICS.
+    /// `ip:port`: the key in METRICS and the identity consistent hashing scores.
     pub name: String,
     pub addr: SocketAddr,
+    /// The DNS name it was resolved from, if any (METRICS `name`).
+    pub dns_name: Option<String>,
     id_hash: u64,
+    /// Which occupant of its slot this is: timers name slot and generation, so a timer of a
+    /// proxy that left is not taken for its successor's.
+    pub generation: u64,
+    /// Where it is in the set (SPEC 7).
+    pub state: SlotState,
     pub health: HealthState,
     /// Answered HEALTH with OK and a role: it takes JSON requests with our ids, many at once.
     pub capable: bool,
@@ -42,12 +49,26 @@ pub struct Backend {
     pub sums: Option<ProxySums>,
 }
 
+/// A slot of the proxy set: serving, drained by hand (still a member, probed and polled),
+/// removed by a reload and draining out, or free for the next proxy added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    Active,
+    Drained,
+    Leaving,
+    Free,
+}
+
 impl Backend {
-    pub fn new(name: &str, addr: SocketAddr, config: &BalancerConfig) -> Self {
+    pub fn new(addr: SocketAddr, dns_name: Option<String>, generation: u64, config: &BalancerConfig) -> Self {
+        let name = addr.to_string();
         Backend {
-            name: name.to_owned(),
-            addr,
             id_hash: fnv1a(name.as_bytes()),
+            name,
+            addr,
+            dns_name,
+            generation,
+            state: SlotState::Active,
             health: HealthState::new(config.rise, config.fall),
             capable: false,
             in_flight: 0,
@@ -59,6 +80,16 @@ impl Backend {
             metrics: None,
             sums: None,
         }
+    }
+
+    /// Takes new GETs.
+    pub fn routable(&self) -> bool {
+        self.state == SlotState::Active
+    }
+
+    /// Still a member (METRICS, PURGE, probes): every state but free.
+    pub fn present(&self) -> bool {
+        self.state != SlotState::Free
     }
 
     pub fn candidate(&self) -> Candidate {

@@ -128,6 +128,11 @@ impl Exchanges {
         }
     }
 
+    /// Whether any exchange under way talks to `backend` (its slot may not be reused yet).
+    pub fn involve(&self, backend: usize) -> bool {
+        self.slab.iter().any(|(_, x)| x.backend == backend)
+    }
+
     /// Ends exchange `index`, closing its connection.
     pub fn finish(&mut self, registry: &Registry, index: usize) -> Option<Exchange> {
         let mut x = self.slab.try_remove(index)?;

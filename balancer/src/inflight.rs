@@ -30,6 +30,8 @@ pub struct InFlight {
     pub backends: Vec<Backend>,
     pub router: Router,
     pub candidates: Vec<Candidate>,
+    /// The slot of each candidate (only routable slots are candidates).
+    pub slots: Vec<usize>,
     pub requests: Slab<Request<Ticket>>,
     pub book: AttemptBook,
     pub deadline_armed: bool,
@@ -52,8 +54,9 @@ impl InFlight {
     pub fn new(config: BalancerConfig) -> Self {
         InFlight {
             router: Router::new(config.strategy),
-            backends: config.proxies.iter().map(|(name, addr)| Backend::new(name, *addr, &config)).collect(),
+            backends: config.proxies.iter().map(|m| Backend::new(m.addr, m.name.clone(), 0, &config)).collect(),
             candidates: Vec::new(),
+            slots: Vec::new(),
             requests: Slab::new(),
             book: AttemptBook::new(config.try_timeout),
             deadline_armed: false,

@@ -16,26 +16,38 @@ pub mod membership;
 pub mod metrics;
 pub mod pool;
 pub mod purge;
+pub mod reconfig;
 pub mod relay;
 pub mod request;
 pub mod resolver;
+pub mod roster;
 pub mod service;
 pub mod strategy;
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::server::{Server, ServerConfig};
 
+pub use membership::{Member, ProxySpec};
 pub use service::Balancer;
 pub use strategy::Kind as Strategy;
 
 #[derive(Clone, Debug)]
 pub struct BalancerConfig {
     pub server: ServerConfig,
-    /// Each proxy as given (`host:port`) and resolved.
-    pub proxies: Vec<(String, SocketAddr)>,
+    /// The proxies the balancer starts with, resolved (one per address).
+    pub proxies: Vec<Member>,
+    /// `--proxies` as given (their DNS names are looked up again).
+    pub specs: Vec<ProxySpec>,
+    /// `--proxies-file`, re-read on SIGHUP, and what it listed at start-up.
+    pub proxies_file: Option<PathBuf>,
+    pub file_specs: Vec<ProxySpec>,
+    /// How often DNS names are looked up again (`--resolve-interval-ms`); zero: only at
+    /// start-up and on SIGHUP.
+    pub resolve_interval: Duration,
     pub strategy: Strategy,
     pub health_interval: Duration,
     pub health_timeout: Duration,
@@ -60,7 +72,11 @@ impl BalancerConfig {
     pub fn new(proxies: &[SocketAddr]) -> Self {
         BalancerConfig {
             server: ServerConfig::default(),
-            proxies: proxies.iter().map(|a| (a.to_string(), *a)).collect(),
+            proxies: proxies.iter().map(|a| Member { addr: *a, name: None }).collect(),
+            specs: Vec::new(),
+            proxies_file: None,
+            file_specs: Vec::new(),
+            resolve_interval: Duration::from_millis(30_000),
             strategy: Strategy::RoundRobin,
             health_interval: Duration::from_millis(1000),
             health_timeout: Duration::from_millis(500),
@@ -76,24 +92,26 @@ impl BalancerConfig {
     }
 }
 
-/// Resolves `host:port` strings once, at start-up.
-pub fn resolve_proxies(specs: &[String]) -> io::Result<Vec<(String, SocketAddr)>> {
-    if specs.len() > strategy::MAX_PROXIES {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("at most {} proxies", strategy::MAX_PROXIES)));
+/// The start-up set: `--proxies` and the file's specs, names resolved now (the loop is not
+/// running yet, so a blocking lookup delays nothing). A name that does not resolve is
+/// skipped with a warning and looked up again later; an empty result is an error.
+pub fn resolve_proxies(specs: &[ProxySpec]) -> io::Result<Vec<Member>> {
+    let found = membership::members(specs, |name, port| match (name, port).to_socket_addrs() {
+        Ok(addrs) => Some(addrs.collect()),
+        Err(e) => {
+            log::warn!("proxy {name}:{port}: {e}; it joins when it resolves");
+            None
+        }
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    let found: Vec<Member> = found.into_iter().filter(|m| seen.insert(m.addr)).collect();
+    if found.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no proxy address: every proxy name failed to resolve",
+        ));
     }
-    specs
-        .iter()
-        .map(|spec| {
-            let addr = spec
-                .to_socket_addrs()
-                .map_err(|e| io::Error::new(e.kind(), format!("proxy '{spec}': {e}")))?
-                .next()
-                .ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidInput, format!("proxy '{spec}' resolves to nothing"))
-                })?;
-            Ok((spec.clone(), addr))
-        })
-        .collect()
+    Ok(found)
 }
 
 pub fn bind(config: BalancerConfig) -> io::Result<Server<Balancer>> {

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use balancer::{BalancerConfig, Strategy};
+use balancer::{BalancerConfig, ProxySpec, Strategy};
 use clap::{Parser, ValueEnum};
 use common::cli::{parse_count, ServerArgs, MAX_MILLIS, MAX_RETRIES};
 
@@ -29,9 +29,18 @@ struct Args {
     #[arg(long, default_value_t = 9000)]
     port: u16,
 
-    /// The proxies, as host:port, in one flag: --proxies 127.0.0.1:8001 127.0.0.1:8002
-    #[arg(long, required = true, num_args = 1..)]
+    /// The proxies, as host:port, in one flag: --proxies 127.0.0.1:8001 127.0.0.1:8002. A host
+    /// may be a DNS name: one proxy per address it resolves to.
+    #[arg(long, num_args = 1.., required_unless_present = "proxies_file")]
     proxies: Vec<String>,
+
+    /// A file of proxies, one host:port per line (# comments), re-read on SIGHUP.
+    #[arg(long)]
+    proxies_file: Option<std::path::PathBuf>,
+
+    /// How often DNS names of proxies are looked up again (0: only at start-up and SIGHUP).
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=MAX_MILLIS))]
+    resolve_interval_ms: u64,
 
     /// round_robin, least_loaded or consistent_hash (kebab-case spellings work too).
     #[arg(long, value_enum, default_value = "round_robin")]
@@ -98,7 +107,20 @@ fn main() -> ExitCode {
         eprintln!("balancer: --hash-load-factor must be a number >= 1");
         return ExitCode::from(2);
     }
-    let proxies = match balancer::resolve_proxies(&args.proxies) {
+    let specs: Result<Vec<ProxySpec>, String> = args.proxies.iter().map(|p| ProxySpec::parse(p)).collect();
+    let file_specs = match &args.proxies_file {
+        Some(path) => balancer::membership::read_file(path).map_err(|e| format!("{}: {e}", path.display())),
+        None => Ok(Vec::new()),
+    };
+    let (specs, file_specs) = match (specs, file_specs) {
+        (Ok(specs), Ok(file_specs)) => (specs, file_specs),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("balancer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let all: Vec<ProxySpec> = specs.iter().chain(&file_specs).cloned().collect();
+    let proxies = match balancer::resolve_proxies(&all) {
         Ok(proxies) => proxies,
         Err(e) => {
             eprintln!("balancer: {e}");
@@ -109,6 +131,10 @@ fn main() -> ExitCode {
     let config = BalancerConfig {
         server: common::server::ServerConfig { reuse_port: args.reuse_port, ..args.server.to_config(args.port) },
         proxies,
+        specs,
+        proxies_file: args.proxies_file,
+        file_specs,
+        resolve_interval: Duration::from_millis(args.resolve_interval_ms),
         strategy: match args.strategy {
             StrategyName::RoundRobin => Strategy::RoundRobin,
             StrategyName::LeastLoaded => Strategy::LeastLoaded,

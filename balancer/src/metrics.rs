@@ -10,7 +10,12 @@ use crate::backend::Backend;
 
 #[derive(Serialize)]
 pub struct ProxyData<'a> {
+    /// The DNS name it was resolved from (SPEC 7).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
     pub healthy: bool,
+    /// Takes no new GETs: drained on the admin port, or removed by a reload and finishing.
+    pub draining: bool,
     pub in_flight: usize,
     pub forwarded: u64,
     pub failures: u64,
@@ -40,6 +45,9 @@ pub struct Counters {
     /// GETs sent again on a new connection because a reused one was found closed (not
     /// failures, not retries).
     pub reopened: u64,
+    /// SIGHUP reloads that changed the set, and those refused (SPEC 7).
+    pub reloads: u64,
+    pub reloads_failed: u64,
 }
 
 #[derive(Serialize)]
@@ -53,6 +61,8 @@ pub struct MetricsData<'a> {
     /// GETs that joined an identical GET already in flight instead of going upstream.
     pub collapsed: u64,
     pub reopened: u64,
+    pub reloads: u64,
+    pub reloads_failed: u64,
     pub in_flight: usize,
     pub latency_us: LatencySummary,
     pub proxies: BTreeMap<&'a str, ProxyData<'a>>,
@@ -70,14 +80,16 @@ impl<'a> MetricsData<'a> {
     ) -> Self {
         let mut cluster = ClusterData::default();
         let mut proxies = BTreeMap::new();
-        for b in backends {
+        for b in backends.iter().filter(|b| b.present()) {
             if let Some(sums) = b.sums {
                 cluster.hits += sums.hits;
                 cluster.misses += sums.misses;
                 cluster.origin_fetches += sums.origin_fetches;
             }
             let data = ProxyData {
+                name: b.dns_name.as_deref(),
                 healthy: b.health.is_healthy(),
+                draining: !b.routable(),
                 in_flight: b.in_flight,
                 forwarded: b.forwarded,
                 failures: b.failures,
@@ -97,6 +109,8 @@ impl<'a> MetricsData<'a> {
             retries: counters.retries,
             collapsed: counters.collapsed,
             reopened: counters.reopened,
+            reloads: counters.reloads,
+            reloads_failed: counters.reloads_failed,
             in_flight,
             latency_us,
             proxies,

@@ -12,7 +12,6 @@ use mio::event::Event;
 use mio::Token;
 
 use crate::attempts::Attempt;
-use crate::backend::Backend;
 use crate::exchange::{Exchanges, Heard, Purpose, MAX_ANSWER};
 use crate::failure::Failure;
 use crate::inflight::InFlight;
@@ -24,8 +23,11 @@ use crate::request::{Next, Request, Waiter};
 use crate::BalancerConfig;
 
 pub enum Timer {
-    Probe(usize),
-    PollMetrics(usize),
+    /// Slot and generation: a timer of a proxy that left does not drive its slot's successor.
+    Probe(usize, u64),
+    PollMetrics(usize, u64),
+    /// Look the proxies' DNS names up again (`--resolve-interval-ms`).
+    Resolve,
     /// The front of the attempt book's deadlines is due.
     AttemptDeadlines,
     /// Exchange N has waited too long.
@@ -33,9 +35,12 @@ pub enum Timer {
 }
 
 pub struct Balancer {
-    core: InFlight,
-    links: Links,
-    exchanges: Exchanges,
+    pub(crate) core: InFlight,
+    pub(crate) links: Links,
+    pub(crate) exchanges: Exchanges,
+    /// The proxy set's sources and leaving slots (SPEC 7); its glue is in `reconfig`.
+    pub(crate) roster: crate::roster::Roster,
+    pub(crate) resolver: Option<crate::resolver::Resolver>,
     /// The dashboard's samples (SPEC 6), taken on the admin listener's tick.
     history: crate::history::History,
 }
@@ -52,6 +57,8 @@ fn exchange_token(index: usize) -> Token {
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
         Balancer {
+            roster: crate::roster::Roster::new(&config),
+            resolver: None,
             core: InFlight::new(config),
             links: Links::default(),
             exchanges: Exchanges::default(),
@@ -100,9 +107,8 @@ impl Balancer {
             if !r.may_attempt(core.config.retries) {
                 return core.give_up(ctx, index);
             }
-            core.candidates.clear();
-            core.candidates.extend(core.backends.iter().map(Backend::candidate));
-            let Some(backend) = core.router.pick(&r.key, &core.candidates, r.tried) else {
+            let packed = (&mut core.candidates, &mut core.slots);
+            let Some(backend) = crate::roster::pick(&mut core.router, &core.backends, packed, &r.key, r.tried) else {
                 return core.give_up(ctx, index);
             };
             if r.begin_attempt(backend) {
@@ -309,6 +315,9 @@ impl Balancer {
         let key = job.key.clone();
         let fan_out = self.core.purges.begin(job);
         for backend in 0..self.core.backends.len() {
+            if !self.core.backends[backend].present() {
+                continue;
+            }
             match self.start_exchange(ctx, backend, Purpose::Purge(fan_out), &key) {
                 Ok(()) => self.core.purges.asked(fan_out),
                 // A proxy that is not running holds nothing; it is simply not counted.
@@ -332,9 +341,10 @@ impl Service for Balancer {
     fn on_start(&mut self, ctx: &mut Ctx<Timer>) {
         // Probe everyone at once, so capabilities are known early; poll metrics soon after.
         for backend in 0..self.core.backends.len() {
-            ctx.schedule(ctx.now(), Timer::Probe(backend));
-            ctx.schedule(ctx.now() + self.core.config.health_timeout, Timer::PollMetrics(backend));
+            ctx.schedule(ctx.now(), Timer::Probe(backend, 0));
+            ctx.schedule(ctx.now() + self.core.config.health_timeout, Timer::PollMetrics(backend, 0));
         }
+        self.start_membership(ctx);
     }
 
     fn on_line(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, line: &[u8]) {
@@ -359,8 +369,11 @@ impl Service for Balancer {
 
     fn on_timer(&mut self, ctx: &mut Ctx<Timer>, timer: Timer) {
         match timer {
-            Timer::Probe(backend) => {
-                ctx.schedule(ctx.now() + self.core.config.health_interval, Timer::Probe(backend));
+            Timer::Probe(backend, generation) => {
+                if !self.core.backends.get(backend).is_some_and(|b| b.present() && b.generation == generation) {
+                    return; // its proxy has left the set
+                }
+                ctx.schedule(ctx.now() + self.core.config.health_interval, Timer::Probe(backend, generation));
                 if !self.core.backends[backend].probing {
                     match self.start_exchange(ctx, backend, Purpose::Probe, "") {
                         Ok(()) => self.core.backends[backend].probing = true,
@@ -371,8 +384,12 @@ impl Service for Balancer {
                     }
                 }
             }
-            Timer::PollMetrics(backend) => {
-                ctx.schedule(ctx.now() + self.core.config.metrics_interval, Timer::PollMetrics(backend));
+            Timer::PollMetrics(backend, generation) => {
+                if !self.core.backends.get(backend).is_some_and(|b| b.present() && b.generation == generation) {
+                    return;
+                }
+                let next = Timer::PollMetrics(backend, generation);
+                ctx.schedule(ctx.now() + self.core.config.metrics_interval, next);
                 if !self.core.backends[backend].polling && self.start_exchange(ctx, backend, Purpose::Poll, "").is_ok()
                 {
                     self.core.backends[backend].polling = true;
@@ -380,6 +397,7 @@ impl Service for Balancer {
             }
             Timer::AttemptDeadlines => self.on_attempt_deadlines(ctx),
             Timer::Exchange(index) => self.finish_exchange(ctx, index, None),
+            Timer::Resolve => self.on_resolve_timer(ctx),
         }
     }
 
@@ -402,6 +420,9 @@ impl Service for Balancer {
     }
 
     fn admin_request(&mut self, ctx: &mut Ctx<Timer>, request: &AdminRequest<'_>) -> Option<AdminResponse> {
+        if let Some(response) = self.admin_proxies(request) {
+            return Some(response);
+        }
         let metrics = crate::dashboard::wants_metrics(request).then(|| common::admin::metrics_value(self, ctx));
         crate::dashboard::route(request, &mut self.history, metrics)
     }
@@ -421,5 +442,14 @@ impl Service for Balancer {
         while let Some(conn) = self.links.flush() {
             self.lose(ctx, conn, Failure::Reset);
         }
+        self.sweep_leaving(ctx);
+    }
+
+    fn on_reload(&mut self, ctx: &mut Ctx<Timer>) {
+        self.reload(ctx);
+    }
+
+    fn on_wake(&mut self, ctx: &mut Ctx<Timer>) {
+        self.on_resolver_wake(ctx);
     }
 }

@@ -78,11 +78,14 @@ const BALANCER: Table = &[
     ("collapsed", "cachetier_collapsed_total", Kind::Counter, "GETs that joined an identical GET already in flight."),
     ("errors", "cachetier_errors_total", Kind::Counter, "Requests answered with an error by the balancer itself."),
     ("in_flight", "cachetier_in_flight", Kind::Gauge, "GETs forwarded and not yet answered."),
+    ("reloads", "cachetier_reloads_total", Kind::Counter, "SIGHUP reloads of the proxy set that were applied."),
+    ("reloads_failed", "cachetier_reloads_failed_total", Kind::Counter, "SIGHUP reloads refused (set unchanged)."),
 ];
 
 /// Per proxy at the balancer: field of `proxies["host:port"]` → family with a `proxy` label.
 const BALANCER_PROXY: Table = &[
     ("healthy", "cachetier_proxy_up", Kind::Gauge, "1 while the balancer routes to the proxy, 0 while it is down."),
+    ("draining", "cachetier_proxy_draining", Kind::Gauge, "1 while the proxy takes no new GETs (drained or leaving)."),
     ("in_flight", "cachetier_proxy_in_flight", Kind::Gauge, "GETs forwarded to the proxy and not yet answered."),
     ("forwarded", "cachetier_proxy_forwarded_total", Kind::Counter, "GET attempts forwarded to the proxy."),
     ("failures", "cachetier_proxy_failures_total", Kind::Counter, "GET attempts to the proxy that failed."),

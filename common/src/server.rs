@@ -175,6 +175,12 @@ pub trait Service {
     /// The drain has begun (SIGTERM or [`ShutdownHandle::shutdown`]).
     fn on_drain(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
 
+    /// SIGHUP arrived (binaries only): re-read configuration. The default ignores it.
+    fn on_reload(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
+
+    /// The loop's waker ([`Ctx::waker`]) was woken: a thread of the service has news.
+    fn on_wake(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
+
     /// `client`, for which the service called [`Ctx::notify_room`], has room for output again
     /// (or has gone: then [`Ctx::complete`] drops what is given).
     fn on_room(&mut self, _ctx: &mut Ctx<Self::Timer>, _client: ClientId) {}
@@ -207,6 +213,7 @@ pub trait Service {
 pub struct Ctx<T> {
     now: Instant,
     registry: Registry,
+    waker: Arc<Waker>,
     clients: Slab<Client>,
     timers: TimerQueue<LoopTimer<T>>,
     config: ServerConfig,
@@ -334,6 +341,12 @@ impl<T> Ctx<T> {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The loop's one waker (mio allows one per poll), for a service's helper thread to wake
+    /// the loop; each wake calls [`Service::on_wake`].
+    pub fn waker(&self) -> Arc<Waker> {
+        self.waker.clone()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -700,7 +713,8 @@ impl<S: Service> Server<S> {
         let registry = poll.registry().try_clone()?;
         registry.register(&mut listener, LISTENER, Interest::READABLE)?;
         let signals = if config.handle_signals {
-            let mut signals = signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGUSR1])?;
+            let mut signals =
+                signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGHUP])?;
             registry.register(&mut signals, SIGNALS, Interest::READABLE)?;
             Some(signals)
         } else {
@@ -715,7 +729,7 @@ impl<S: Service> Server<S> {
             None => None,
         };
         let access_log = config.access_log.clone().map(AccessLog::open).transpose()?;
-        let shutdown = ShutdownHandle { requested: Arc::new(AtomicBool::new(false)), waker };
+        let shutdown = ShutdownHandle { requested: Arc::new(AtomicBool::new(false)), waker: waker.clone() };
         Ok(Server {
             poll,
             events: Events::with_capacity(1024),
@@ -730,6 +744,7 @@ impl<S: Service> Server<S> {
             ctx: Ctx {
                 now: Instant::now(),
                 registry,
+                waker,
                 clients: Slab::new(),
                 timers: TimerQueue::new(),
                 config,
@@ -837,6 +852,7 @@ impl<S: Service> Server<S> {
                 LISTENER => self.accept_all(),
                 SIGNALS => self.on_signals(),
                 WAKER if self.shutdown.requested.load(Ordering::SeqCst) => self.begin_drain("shutdown requested"),
+                WAKER => self.service.on_wake(&mut self.ctx),
                 Token(t) if t >= PEER_BASE => {}
                 crate::admin::LISTENER => {
                     if let Some(admin) = self.admin.as_mut() {
@@ -866,16 +882,20 @@ impl<S: Service> Server<S> {
 
     fn on_signals(&mut self) {
         let mut got = false;
-        let mut reopen = false;
+        let (mut reopen, mut reload) = (false, false);
         if let Some(signals) = self.signals.as_mut() {
             // Drain every pending signal so the edge-triggered source re-arms.
             for signal in signals.pending() {
-                if signal == libc::SIGUSR1 {
-                    reopen = true;
-                } else {
-                    got = true;
+                match signal {
+                    libc::SIGUSR1 => reopen = true,
+                    libc::SIGHUP => reload = true,
+                    _ => got = true,
                 }
             }
+        }
+        if reload {
+            info!("SIGHUP: reloading");
+            self.service.on_reload(&mut self.ctx);
         }
         if let (true, Some(log)) = (reopen, self.ctx.access_log.as_mut()) {
             info!("SIGUSR1: reopening the access log");
