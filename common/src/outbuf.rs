@@ -56,13 +56,10 @@ pub struct Output {
     front_done: usize,
     /// What the bound is checked against (see the module comment).
     counted: usize,
-    /// Shared chunks this connection holds (queued or parked), by address: how many times.
+    /// Shared buffers this connection holds (queued or parked), by buffer: how many times.
     shared: HashMap<usize, u32>,
 }
 
-fn address(body: &SharedBytes) -> usize {
-    body.as_ptr() as usize
-}
 
 impl Output {
     pub fn new() -> Self {
@@ -104,20 +101,20 @@ impl Output {
     }
 
     fn retain(&mut self, body: &SharedBytes) {
-        let refs = self.shared.entry(address(body)).or_insert(0);
+        let refs = self.shared.entry(body.buffer_key()).or_insert(0);
         if *refs == 0 {
-            self.counted = self.counted.saturating_add(body.len());
+            self.counted = self.counted.saturating_add(body.footprint());
         }
         *refs = refs.saturating_add(1);
     }
 
     fn release(&mut self, body: &SharedBytes) {
-        let key = address(body);
+        let key = body.buffer_key();
         if let Some(refs) = self.shared.get_mut(&key) {
             *refs -= 1;
             if *refs == 0 {
                 self.shared.remove(&key);
-                self.counted = self.counted.saturating_sub(body.len());
+                self.counted = self.counted.saturating_sub(body.footprint());
             }
         }
     }
