@@ -305,6 +305,52 @@ pub(crate) mod tests {
         assert_eq!(lines[9_999], b"GET k9999");
     }
 
+    /// The incremental search gives what a search from the start gives, however the bytes
+    /// arrive, and never looks at a byte twice.
+    #[test]
+    fn searching_on_from_the_scanned_offset_finds_the_same_lines() {
+        let input = b"GET a\r\n\nlonger line here\nx\r\r\n0123456789abcdef\ntail".to_vec();
+        for max_line in [4, 12, 64] {
+            for chunk in 1..=input.len() {
+                let mut buf: Vec<u8> = Vec::new();
+                let mut scanned = 0;
+                let mut looked = 0;
+                let mut got = Vec::new();
+                let mut too_long = false;
+                for piece in input.chunks(chunk) {
+                    buf.extend_from_slice(piece);
+                    loop {
+                        let before = scanned;
+                        let (frame, now) = next_frame_from(&buf, scanned, max_line);
+                        looked += now.saturating_sub(before);
+                        assert_eq!(frame, next_frame(&buf, max_line));
+                        match frame {
+                            Frame::Line(line, n) => {
+                                got.push(line.to_vec());
+                                buf.drain(..n);
+                                scanned = 0;
+                            }
+                            Frame::Incomplete => {
+                                scanned = now;
+                                break;
+                            }
+                            Frame::TooLong => {
+                                too_long = true;
+                                break;
+                            }
+                        }
+                    }
+                    if too_long {
+                        break;
+                    }
+                }
+                let (expected, expected_too_long) = split_in_chunks(&input, chunk, max_line);
+                assert_eq!((got, too_long), (expected, expected_too_long), "chunk {chunk} max_line {max_line}");
+                assert!(looked <= input.len(), "bytes searched twice: {looked} of {}", input.len());
+            }
+        }
+    }
+
     #[test]
     fn the_limit_is_on_bytes_before_the_newline() {
         assert_eq!(next_frame(b"abcd\n", 4), Frame::Line(b"abcd", 5));

@@ -302,6 +302,25 @@ mod tests {
     }
 
     #[test]
+    fn views_of_one_buffer_count_that_buffer_once() {
+        let buffer = std::sync::Arc::new(vec![b'z'; 100_000]);
+        let first = SharedBytes::of_part(&buffer, &buffer[10..50_000]).unwrap();
+        let second = SharedBytes::of_part(&buffer, &buffer[50_001..99_000]).unwrap();
+        let mut out = Output::new();
+        out.append_shared(b"", &first, b"\n");
+        out.append_shared(b"", &second, b"\n");
+        // The whole buffer they keep alive, once; plus the two owned newlines.
+        assert_eq!(out.counted(), 100_000 + 2);
+        let mut w = Trickle { taken: Vec::new(), per_call: 4096, budget: usize::MAX };
+        while !out.is_empty() {
+            out.flush_to(&mut w).unwrap();
+        }
+        assert_eq!(out.counted(), 0);
+        assert_eq!(w.taken.len(), (50_000 - 10) + (99_000 - 50_001) + 2);
+        assert_eq!(std::sync::Arc::strong_count(&buffer), 3, "the test's two views and the buffer");
+    }
+
+    #[test]
     fn a_large_buffer_is_released_once_written() {
         let mut out = Output::new();
         out.append(&vec![b'x'; 1 << 20]);

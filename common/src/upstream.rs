@@ -246,3 +246,112 @@ impl Upstream {
         let _ = registry.deregister(&mut self.stream);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    /// An upstream connected to a plain socket the test writes answers into.
+    fn pair() -> (mio::Poll, Upstream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let up = Upstream::connect(listener.local_addr().unwrap(), poll.registry(), Token(7)).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        (poll, up, peer)
+    }
+
+    /// Reads until a complete line is buffered (bounded in time).
+    fn wait_line(poll: &mut mio::Poll, up: &mut Upstream) -> usize {
+        let mut events = mio::Events::with_capacity(8);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            up.on_ready(usize::MAX / 2).unwrap();
+            if let Frame::Line(_, n) = up.frame(16 << 20) {
+                return n;
+            }
+            assert!(Instant::now() < deadline, "no line within 10 s");
+            poll.poll(&mut events, Some(Duration::from_millis(50))).unwrap();
+        }
+    }
+
+    fn answer(len: usize, fill: u8) -> Vec<u8> {
+        let mut line = vec![fill; len];
+        line.push(b'\n');
+        line
+    }
+
+    #[test]
+    fn the_input_buffer_keeps_one_capacity_across_large_answers() {
+        let (mut poll, mut up, mut peer) = pair();
+        let mut capacities = Vec::new();
+        for i in 0..40u8 {
+            peer.write_all(&answer(300 * 1024, b'a' + i % 26)).unwrap();
+            let n = wait_line(&mut poll, &mut up);
+            assert_eq!(n, 300 * 1024 + 1);
+            capacities.push(up.input_capacity());
+            up.consume(n);
+            capacities.push(up.input_capacity());
+        }
+        // It grows to hold one answer once, then neither grows nor shrinks per answer.
+        let settled = capacities[4];
+        assert!(capacities[4..].iter().all(|c| *c == settled), "{capacities:?}");
+        assert!(settled <= RETAINED_INPUT, "{settled}");
+    }
+
+    #[test]
+    fn a_burst_beyond_the_retained_capacity_is_given_back() {
+        let (mut poll, mut up, mut peer) = pair();
+        peer.write_all(&answer(3 * RETAINED_INPUT, b'x')).unwrap();
+        let n = wait_line(&mut poll, &mut up);
+        assert!(up.input_capacity() > RETAINED_INPUT);
+        up.consume(n);
+        assert!(up.input_capacity() <= RETAINED_INPUT);
+    }
+
+    #[test]
+    fn a_shared_line_stays_intact_while_reading_goes_on() {
+        let (mut poll, mut up, mut peer) = pair();
+        let mut held = Vec::new();
+        for i in 0..12u8 {
+            peer.write_all(&answer(100 * 1024, b'a' + i)).unwrap();
+            let n = wait_line(&mut poll, &mut up);
+            let Frame::Line(line, _) = up.frame(16 << 20) else { unreachable!() };
+            let shared = up.share(line).expect("a long line is shared");
+            assert_eq!(shared.len(), 100 * 1024);
+            up.consume(n);
+            held.push((i, shared));
+            // Every other view is dropped, so buffers get reused while others stay pinned.
+            if i % 2 == 1 {
+                held.remove(0);
+            }
+        }
+        for (i, shared) in &held {
+            assert!(shared.iter().all(|b| *b == b'a' + i), "view {i} was overwritten");
+        }
+        let Frame::Incomplete = up.frame(16 << 20) else { panic!("nothing left") };
+        assert!(up.share(b"short").is_none());
+    }
+
+    #[test]
+    fn a_partial_line_carries_over_into_a_new_buffer() {
+        let (mut poll, mut up, mut peer) = pair();
+        let first = answer(64 * 1024, b'1');
+        let second = answer(200 * 1024, b'2');
+        let mut bytes = first.clone();
+        bytes.extend_from_slice(&second[..1000]);
+        peer.write_all(&bytes).unwrap();
+        let n = wait_line(&mut poll, &mut up);
+        let Frame::Line(line, _) = up.frame(16 << 20) else { unreachable!() };
+        let view = up.share(line).unwrap();
+        up.consume(n);
+        peer.write_all(&second[1000..]).unwrap();
+        let n = wait_line(&mut poll, &mut up);
+        let Frame::Line(line, _) = up.frame(16 << 20) else { unreachable!() };
+        assert_eq!(line, &second[..second.len() - 1]);
+        assert_eq!(&view[..], &first[..first.len() - 1]);
+        up.consume(n);
+        assert_eq!(up.buffered(), 0);
+    }
+}
