@@ -134,7 +134,8 @@ impl InFlight {
             ctx.complete(r.leader.ticket, |out| answer.write_with_id(out, r.leader.client_id()));
         } else {
             // One body for the leader and its followers, each with its own id.
-            let body = in_place.unwrap_or_else(|| answer.shared_body());
+            // (In a buffer of its own: the followers' answers wait behind the leader's.)
+            let body = in_place.map(|b| b.compacted()).unwrap_or_else(|| answer.shared_body());
             for w in r.waiters() {
                 self.tail.clear();
                 write_answer_tail(&mut self.tail, answer.has_members(), w.client_id());

@@ -59,6 +59,16 @@ impl SharedBytes {
         (offset(self.start), end)
     }
 
+    /// These bytes in a buffer of their own when the one they are in is more than twice their
+    /// size: what an answer that will wait keeps, so that it pins no more than itself.
+    pub fn compacted(&self) -> SharedBytes {
+        if self.footprint() / 2 > self.len() {
+            SharedBytes::from(&self[..])
+        } else {
+            self.clone()
+        }
+    }
+
     /// The size of the buffer these bytes keep alive: what they cost in memory.
     pub fn footprint(&self) -> usize {
         self.buf.capacity()

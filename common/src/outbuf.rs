@@ -119,12 +119,26 @@ impl Output {
         }
     }
 
+    /// What an answer queued behind others (or held back) keeps of `body`: a view of a much
+    /// bigger buffer (a line relayed from an input buffer) is copied out, so that a slow
+    /// reader pins no more than its answers; unless this connection holds that buffer already.
+    /// An answer to a connection with nothing queued goes out at once, from where it is.
+    fn keep(&self, body: &SharedBytes, waits: bool) -> SharedBytes {
+        if waits && !self.shared.contains_key(&body.buffer_key()) {
+            body.compacted()
+        } else {
+            body.clone()
+        }
+    }
+
     /// Appends `head`, the shared `body` (by reference), then `tail`.
     pub fn append_shared(&mut self, head: &[u8], body: &SharedBytes, tail: &[u8]) {
+        let waits = !self.segs.is_empty();
         self.append(head);
         if !body.is_empty() {
-            self.retain(body);
-            self.segs.push_back(Seg::Shared(body.clone()));
+            let body = self.keep(body, waits);
+            self.retain(&body);
+            self.segs.push_back(Seg::Shared(body));
         }
         self.append(tail);
     }
@@ -141,8 +155,9 @@ impl Output {
         buf.extend_from_slice(head);
         buf.extend_from_slice(tail);
         self.counted = self.counted.saturating_add(buf.len());
-        self.retain(body);
-        Parked { bytes: buf, shared: Some((head.len(), body.clone())) }
+        let body = self.keep(body, true);
+        self.retain(&body);
+        Parked { bytes: buf, shared: Some((head.len(), body)) }
     }
 
     /// Queues an answer that was held back (already counted); returns its buffer for reuse.

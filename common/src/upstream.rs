@@ -211,6 +211,9 @@ impl Upstream {
             if Arc::get_mut(&mut fresh).is_none() {
                 fresh = Arc::default();
             }
+            // Sized for what it must hold, not like the buffer given up: a new buffer may be
+            // pinned in turn by an answer that waits, and should not be mostly empty then.
+            let wanted = (unconsumed * 2).max(READ_CHUNK * 2);
             if let Some(buf) = Arc::get_mut(&mut fresh) {
                 if buf.len() < wanted {
                     buf.resize(wanted, 0);
