@@ -60,7 +60,6 @@ pub struct Output {
     shared: HashMap<usize, u32>,
 }
 
-
 impl Output {
     pub fn new() -> Self {
         Self::default()
