@@ -172,6 +172,9 @@ impl Upstream {
                 self.input = Arc::new(Vec::new());
                 self.spare = None;
             }
+            if self.spare.as_ref().is_some_and(|spare| spare.len() > RETAINED_INPUT) {
+                self.spare = None;
+            }
         }
     }
 
