@@ -3,6 +3,7 @@
 //! answers clients through `Ctx` but owns no socket, so an answer line borrowed from a
 //! connection can be relayed through it.
 
+use common::framing::SharedBytes;
 use common::metrics::LatencyHistogram;
 use common::protocol::{encode_ok_value, write_answer_tail, Id, Reply, Status};
 use common::server::{Ctx, Ticket};
@@ -98,7 +99,16 @@ impl InFlight {
 
     /// One answer line on connection `conn`: delivered to the attempt it answers, dropped if
     /// it answers none sent on this connection, an error if it is no answer at all.
-    pub fn on_answer(&mut self, ctx: &mut Ctx<Timer>, conn: usize, kind: ConnKind, line: &[u8]) -> Result<(), Failure> {
+    /// `shared` is the same line as bytes shared with the connection's input buffer, when it
+    /// is long enough to be relayed from there instead of copied.
+    pub fn on_answer(
+        &mut self,
+        ctx: &mut Ctx<Timer>,
+        conn: usize,
+        kind: ConnKind,
+        line: &[u8],
+        shared: Option<SharedBytes>,
+    ) -> Result<(), Failure> {
         let (tag, answer) = read_answer(line, kind == ConnKind::Mux)?;
         let attempt = match tag {
             Some(tag) => match self.book.answered(conn, tag) {
@@ -114,12 +124,21 @@ impl InFlight {
             b.health.record_success();
         }
         let Some(r) = self.requests.try_remove(attempt.request) else { return Ok(()) };
-        if r.followers.is_empty() {
+        // A long answer goes out from the buffer it was read into: only the tail with the
+        // client's id is written anew (the proxy puts its id last, so nothing follows it).
+        let (head, rest) = answer.body();
+        let in_place = shared.and_then(|line| line.narrow(head)).filter(|_| rest.is_empty());
+        if let (true, Some(body)) = (r.followers.is_empty(), &in_place) {
+            self.tail.clear();
+            write_answer_tail(&mut self.tail, answer.has_members(), r.leader.client_id());
+            ctx.complete_shared(r.leader.ticket, b"", body, &self.tail);
+        } else if r.followers.is_empty() {
             // The hit path: two copies into the client's buffer, nothing allocated.
             ctx.complete(r.leader.ticket, |out| answer.write_with_id(out, r.leader.client_id()));
         } else {
             // One body for the leader and its followers, each with its own id.
-            let body = answer.shared_body();
+            // (In a buffer of its own: the followers' answers wait behind the leader's.)
+            let body = in_place.map(|b| b.compacted()).unwrap_or_else(|| answer.shared_body());
             for w in r.waiters() {
                 self.tail.clear();
                 write_answer_tail(&mut self.tail, answer.has_members(), w.client_id());

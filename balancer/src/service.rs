@@ -204,7 +204,8 @@ impl Balancer {
         }
         while let Some(link) = self.links.get_mut(conn) {
             let Frame::Line(line, used) = link.up.frame(MAX_ANSWER) else { break };
-            let answered = self.core.on_answer(ctx, conn, link.kind, line);
+            let shared = link.up.share(line);
+            let answered = self.core.on_answer(ctx, conn, link.kind, line, shared);
             link.up.consume(used);
             link.answered += 1;
             if let Err(failure) = answered {

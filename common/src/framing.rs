@@ -5,11 +5,122 @@
 //! splitting is a pure function over bytes, so it is tested without sockets.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 /// Immutable bytes that several answers may share instead of copying (a cached value, the
-/// body of an answer relayed to collapsed followers). Shared bytes count once per connection
-/// toward its output bound (SPEC 3.8).
-pub type SharedBytes = std::sync::Arc<[u8]>;
+/// body of an answer relayed to collapsed followers, a long answer line still in the buffer
+/// it was read into). A view of part of one reference-counted buffer: cloning or narrowing
+/// it copies nothing. Shared bytes count once per connection toward its output bound (SPEC
+/// 3.8), by the whole buffer they keep alive ([`SharedBytes::footprint`]).
+#[derive(Clone)]
+pub struct SharedBytes {
+    buf: Arc<Vec<u8>>,
+    /// The view is `buf[start..end]`; `end == WHOLE` means to the end of `buf`. 32-bit
+    /// offsets keep a cache entry small; longer buffers are only ever viewed whole.
+    start: u32,
+    end: u32,
+}
+
+const WHOLE: u32 = u32::MAX;
+
+fn offset(n: u32) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+impl SharedBytes {
+    /// All of `buf`.
+    pub fn whole(buf: Arc<Vec<u8>>) -> Self {
+        SharedBytes { buf, start: 0, end: WHOLE }
+    }
+
+    /// The part of `buf` that `part` is (a subslice of it), or `None` if it is not one.
+    pub fn of_part(buf: &Arc<Vec<u8>>, part: &[u8]) -> Option<Self> {
+        let base = buf.as_ptr() as usize;
+        let start = (part.as_ptr() as usize).checked_sub(base)?;
+        let end = start.checked_add(part.len())?;
+        if end > buf.len() {
+            return None;
+        }
+        let start = u32::try_from(start).ok()?;
+        let end = u32::try_from(end).ok().filter(|end| *end != WHOLE)?;
+        Some(SharedBytes { buf: buf.clone(), start, end })
+    }
+
+    /// The part of these bytes that `part` is (a subslice of them), sharing the same buffer.
+    pub fn narrow(&self, part: &[u8]) -> Option<Self> {
+        let (start, end) = self.range();
+        let narrowed = SharedBytes::of_part(&self.buf, part)?;
+        let (s, e) = narrowed.range();
+        (s >= start && e <= end).then_some(narrowed)
+    }
+
+    fn range(&self) -> (usize, usize) {
+        let end = if self.end == WHOLE { self.buf.len() } else { offset(self.end) };
+        (offset(self.start), end)
+    }
+
+    /// These bytes in a buffer of their own when the one they are in is more than twice their
+    /// size: what an answer that will wait keeps, so that it pins no more than itself.
+    pub fn compacted(&self) -> SharedBytes {
+        if self.footprint() / 2 > self.len() {
+            SharedBytes::from(&self[..])
+        } else {
+            self.clone()
+        }
+    }
+
+    /// The size of the buffer these bytes keep alive: what they cost in memory.
+    pub fn footprint(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Identifies the buffer: views of one buffer have the same key while it lives.
+    pub fn buffer_key(&self) -> usize {
+        Arc::as_ptr(&self.buf) as usize
+    }
+}
+
+impl std::ops::Deref for SharedBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        let (start, end) = self.range();
+        self.buf.get(start..end).unwrap_or_default()
+    }
+}
+
+impl AsRef<[u8]> for SharedBytes {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl From<&[u8]> for SharedBytes {
+    fn from(bytes: &[u8]) -> Self {
+        SharedBytes::whole(Arc::new(bytes.to_vec()))
+    }
+}
+
+impl From<Vec<u8>> for SharedBytes {
+    fn from(mut bytes: Vec<u8>) -> Self {
+        bytes.shrink_to_fit();
+        SharedBytes::whole(Arc::new(bytes))
+    }
+}
+
+impl std::fmt::Debug for SharedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedBytes({} of {} bytes)", self.len(), self.footprint())
+    }
+}
+
+impl PartialEq for SharedBytes {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for SharedBytes {}
 
 /// What the front of an input buffer holds.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,6 +146,24 @@ pub fn next_frame(buf: &[u8], max_line: usize) -> Frame<'_> {
         }
         _ if buf.len() > max_line => Frame::TooLong,
         _ => Frame::Incomplete,
+    }
+}
+
+/// [`next_frame`] for a buffer whose first `scanned` bytes are known to hold no `\n` (an
+/// earlier call said so): the search starts there. Returns the frame and how far the buffer
+/// is now known to be free of `\n` (up to the newline found, if any), for the next call.
+pub fn next_frame_from(buf: &[u8], scanned: usize, max_line: usize) -> (Frame<'_>, usize) {
+    let window = buf.len().min(max_line.saturating_add(1));
+    let from = scanned.min(window);
+    match memchr::memchr(b'\n', &buf[from..window]) {
+        Some(at) => {
+            let end = from + at;
+            let line = &buf[..end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            (Frame::Line(line, end + 1), end)
+        }
+        None if buf.len() > max_line => (Frame::TooLong, window),
+        None => (Frame::Incomplete, window),
     }
 }
 
@@ -184,6 +313,52 @@ pub(crate) mod tests {
         assert!(!too_long);
         assert_eq!(lines.len(), 10_000);
         assert_eq!(lines[9_999], b"GET k9999");
+    }
+
+    /// The incremental search gives what a search from the start gives, however the bytes
+    /// arrive, and never looks at a byte twice.
+    #[test]
+    fn searching_on_from_the_scanned_offset_finds_the_same_lines() {
+        let input = b"GET a\r\n\nlonger line here\nx\r\r\n0123456789abcdef\ntail".to_vec();
+        for max_line in [4, 12, 64] {
+            for chunk in 1..=input.len() {
+                let mut buf: Vec<u8> = Vec::new();
+                let mut scanned = 0;
+                let mut looked = 0;
+                let mut got = Vec::new();
+                let mut too_long = false;
+                for piece in input.chunks(chunk) {
+                    buf.extend_from_slice(piece);
+                    loop {
+                        let before = scanned;
+                        let (frame, now) = next_frame_from(&buf, scanned, max_line);
+                        looked += now.saturating_sub(before);
+                        assert_eq!(frame, next_frame(&buf, max_line));
+                        match frame {
+                            Frame::Line(line, n) => {
+                                got.push(line.to_vec());
+                                buf.drain(..n);
+                                scanned = 0;
+                            }
+                            Frame::Incomplete => {
+                                scanned = now;
+                                break;
+                            }
+                            Frame::TooLong => {
+                                too_long = true;
+                                break;
+                            }
+                        }
+                    }
+                    if too_long {
+                        break;
+                    }
+                }
+                let (expected, expected_too_long) = split_in_chunks(&input, chunk, max_line);
+                assert_eq!((got, too_long), (expected, expected_too_long), "chunk {chunk} max_line {max_line}");
+                assert!(looked <= input.len(), "bytes searched twice: {looked} of {}", input.len());
+            }
+        }
     }
 
     #[test]

@@ -56,12 +56,8 @@ pub struct Output {
     front_done: usize,
     /// What the bound is checked against (see the module comment).
     counted: usize,
-    /// Shared chunks this connection holds (queued or parked), by address: how many times.
+    /// Shared buffers this connection holds (queued or parked), by buffer: how many times.
     shared: HashMap<usize, u32>,
-}
-
-fn address(body: &SharedBytes) -> usize {
-    body.as_ptr() as usize
 }
 
 impl Output {
@@ -104,30 +100,44 @@ impl Output {
     }
 
     fn retain(&mut self, body: &SharedBytes) {
-        let refs = self.shared.entry(address(body)).or_insert(0);
+        let refs = self.shared.entry(body.buffer_key()).or_insert(0);
         if *refs == 0 {
-            self.counted = self.counted.saturating_add(body.len());
+            self.counted = self.counted.saturating_add(body.footprint());
         }
         *refs = refs.saturating_add(1);
     }
 
     fn release(&mut self, body: &SharedBytes) {
-        let key = address(body);
+        let key = body.buffer_key();
         if let Some(refs) = self.shared.get_mut(&key) {
             *refs -= 1;
             if *refs == 0 {
                 self.shared.remove(&key);
-                self.counted = self.counted.saturating_sub(body.len());
+                self.counted = self.counted.saturating_sub(body.footprint());
             }
+        }
+    }
+
+    /// What an answer queued behind others (or held back) keeps of `body`: a view of a much
+    /// bigger buffer (a line relayed from an input buffer) is copied out, so that a slow
+    /// reader pins no more than its answers; unless this connection holds that buffer already.
+    /// An answer to a connection with nothing queued goes out at once, from where it is.
+    fn keep(&self, body: &SharedBytes, waits: bool) -> SharedBytes {
+        if waits && !self.shared.contains_key(&body.buffer_key()) {
+            body.compacted()
+        } else {
+            body.clone()
         }
     }
 
     /// Appends `head`, the shared `body` (by reference), then `tail`.
     pub fn append_shared(&mut self, head: &[u8], body: &SharedBytes, tail: &[u8]) {
+        let waits = !self.segs.is_empty();
         self.append(head);
         if !body.is_empty() {
-            self.retain(body);
-            self.segs.push_back(Seg::Shared(body.clone()));
+            let body = self.keep(body, waits);
+            self.retain(&body);
+            self.segs.push_back(Seg::Shared(body));
         }
         self.append(tail);
     }
@@ -144,8 +154,9 @@ impl Output {
         buf.extend_from_slice(head);
         buf.extend_from_slice(tail);
         self.counted = self.counted.saturating_add(buf.len());
-        self.retain(body);
-        Parked { bytes: buf, shared: Some((head.len(), body.clone())) }
+        let body = self.keep(body, true);
+        self.retain(&body);
+        Parked { bytes: buf, shared: Some((head.len(), body)) }
     }
 
     /// Queues an answer that was held back (already counted); returns its buffer for reuse.
@@ -302,6 +313,25 @@ mod tests {
         assert_eq!(out.counted(), 5002);
         out.discard(b);
         assert_eq!(out.counted(), 0);
+    }
+
+    #[test]
+    fn views_of_one_buffer_count_that_buffer_once() {
+        let buffer = std::sync::Arc::new(vec![b'z'; 100_000]);
+        let first = SharedBytes::of_part(&buffer, &buffer[10..50_000]).unwrap();
+        let second = SharedBytes::of_part(&buffer, &buffer[50_001..99_000]).unwrap();
+        let mut out = Output::new();
+        out.append_shared(b"", &first, b"\n");
+        out.append_shared(b"", &second, b"\n");
+        // The whole buffer they keep alive, once; plus the two owned newlines.
+        assert_eq!(out.counted(), 100_000 + 2);
+        let mut w = Trickle { taken: Vec::new(), per_call: 4096, budget: usize::MAX };
+        while !out.is_empty() {
+            out.flush_to(&mut w).unwrap();
+        }
+        assert_eq!(out.counted(), 0);
+        assert_eq!(w.taken.len(), (50_000 - 10) + (99_000 - 50_001) + 2);
+        assert_eq!(std::sync::Arc::strong_count(&buffer), 3, "the test's two views and the buffer");
     }
 
     #[test]
