@@ -132,6 +132,19 @@ pub struct ClientId {
     serial: u64,
 }
 
+impl ClientId {
+    /// Its slot among the open connections, reused after it closes (so a table indexed by it
+    /// keeps the whole `ClientId` to tell a new connection from a gone one).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_test(index: usize, serial: u64) -> Self {
+        ClientId { index, serial }
+    }
+}
+
 /// A promise to answer one request later, from [`Ctx::defer`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ticket {
