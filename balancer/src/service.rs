@@ -15,7 +15,7 @@ use crate::attempts::Attempt;
 use crate::backend::Backend;
 use crate::exchange::{Exchanges, Heard, Purpose, MAX_ANSWER};
 use crate::failure::Failure;
-use crate::inflight::InFlight;
+use crate::inflight::{InFlight, Parked};
 use crate::links::Links;
 use crate::metrics::MetricsData;
 use crate::pool::{ConnKind, Route};
@@ -77,6 +77,21 @@ impl Balancer {
         core.waiting += 1;
         let client_id = core.pooled(id.map_or("", |id| id.as_json()));
         let waiter = Waiter { ticket: ctx.defer(client, id.is_none()), client_id, received: ctx.now() };
+        if !core.windows.try_forward(client, ctx.has_room(client)) {
+            // Its client's answers so far fill its output bound: it waits (SPEC 3.8).
+            let key = core.pooled(key);
+            core.windows.park(client, Parked { waiter, key });
+            if !ctx.has_room(client) {
+                ctx.notify_room(client);
+            }
+            return;
+        }
+        self.route(ctx, waiter, key);
+    }
+
+    /// Collapses GET `waiter` onto one in flight for `key`, or routes it.
+    fn route(&mut self, ctx: &mut Ctx<Timer>, waiter: Waiter<Ticket>, key: &str) {
+        let core = &mut self.core;
         let key_hash = core.collapser.hash(key);
         if let Some(leader) = core.collapser.leader(key_hash).and_then(|i| core.requests.get_mut(i)) {
             if leader.key == key {
@@ -89,6 +104,23 @@ impl Balancer {
         let index = core.requests.insert(Request::new(waiter, key, key_hash));
         core.collapser.lead(key_hash, index);
         self.dispatch(ctx, index);
+    }
+
+    /// Routes the parked GETs of `client` its window has room for (dropped if it has gone).
+    fn resume(&mut self, ctx: &mut Ctx<Timer>, client: ClientId) {
+        if !ctx.is_connected(client) {
+            for parked in self.core.windows.take_parked(client) {
+                self.core.drop_parked(ctx, parked);
+            }
+            return;
+        }
+        while let Some(Parked { waiter, key }) = self.core.windows.unpark(client, ctx.has_room(client)) {
+            self.route(ctx, waiter, &key);
+            self.core.recycle(key);
+        }
+        if self.core.windows.has_parked(client) && !ctx.has_room(client) {
+            ctx.notify_room(client);
+        }
     }
 
     /// Sends request `index` to the proxy the strategy picks among those not tried yet, or
@@ -411,7 +443,18 @@ impl Service for Balancer {
         self.history.sample(ctx.now(), crate::dashboard::wall_ms(), &metrics, &self.core.latency_us);
     }
 
+    fn on_room(&mut self, ctx: &mut Ctx<Timer>, client: ClientId) {
+        self.resume(ctx, client);
+    }
+
     fn on_turn_end(&mut self, ctx: &mut Ctx<Timer>) {
+        // Parked GETs whose window reopened go on; those of clients gone stop counting.
+        while let Some(parked) = self.core.windows.take_orphan() {
+            self.core.drop_parked(ctx, parked);
+        }
+        while let Some(client) = self.core.windows.next_resumable() {
+            self.resume(ctx, client);
+        }
         // Proxies just marked down: their GETs in flight go elsewhere now.
         while let Some(backend) = self.core.went_down.pop() {
             for conn in self.links.of_backend(backend) {

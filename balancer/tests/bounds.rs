@@ -1,0 +1,105 @@
+//! SPEC 3.8 through the real binaries (origin → proxy → balancer): a client that pipelines
+//! GETs of many distinct big values and never reads costs each tier about its output bound,
+//! not the sum of its answers (the forwarding window); once it reads, every answer comes, in
+//! order. And the PURGE fan-out under a low descriptor limit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::testkit::{metrics, rss_kib, wait_until, workspace_bin, ChildService};
+use serde_json::Value;
+
+const BALANCER: &str = env!("CARGO_BIN_EXE_balancer");
+const GETS: usize = 1000;
+const VALUE_BYTES: usize = 256 * 1024;
+
+/// Measured growth under 1,000 × 256 KiB distinct values for a client that never reads:
+/// before the window, ~500 MB at the balancer; with it, see the test's output (a few MiB at
+/// each tier). The bound is that with a margin for allocator noise.
+const RSS_BOUND_KIB: u64 = 24 * 1024;
+
+struct Cluster {
+    _origin: ChildService,
+    proxy: ChildService,
+    balancer: ChildService,
+}
+
+fn cluster() -> Cluster {
+    let origin = workspace_bin("origin").unwrap();
+    let keys = GETS.to_string();
+    let value_bytes = VALUE_BYTES.to_string();
+    let data = common::testkit::temp_dir("bounds-origin");
+    let args = ["--data-dir", data.to_str().unwrap(), "--synthetic-keys", &keys, "--value-bytes", &value_bytes];
+    let origin = ChildService::spawn(origin.to_str().unwrap(), &[&["--port", "0"][..], &args].concat())
+    .unwrap();
+    let proxy = workspace_bin("proxy").unwrap();
+    // A small cache: the values are not kept there, only in answers.
+    let origin_port = origin.addr().port().to_string();
+    let proxy = ChildService::spawn(
+        proxy.to_str().unwrap(),
+        &["--port", "0", "--origin-port", &origin_port, "--capacity", "4"],
+    )
+    .unwrap();
+    let proxy_addr = proxy.addr().to_string();
+    let balancer = ChildService::spawn(BALANCER, &["--port", "0", "--proxies", &proxy_addr]).unwrap();
+    Cluster { _origin: origin, proxy, balancer }
+}
+
+/// Reads the METRICS field `field` of `addr` as a number.
+fn number(addr: std::net::SocketAddr, field: &str) -> u64 {
+    metrics(addr).unwrap()[field].as_u64().unwrap_or(u64::MAX)
+}
+
+#[test]
+fn a_client_that_never_reads_distinct_big_values_costs_each_tier_about_its_output_bound() {
+    let c = cluster();
+    let (lb, px) = (c.balancer.addr(), c.proxy.addr());
+    let lb_before = rss_kib(c.balancer.pid()).expect("/proc is needed for this test");
+    let px_before = rss_kib(c.proxy.pid()).unwrap();
+
+    let mut hog = TcpStream::connect(lb).unwrap();
+    let burst: String = (0..GETS).map(|i| format!("GET synthetic/{i}\n")).collect();
+    hog.write_all(burst.as_bytes()).unwrap();
+
+    // Settled: nothing is in flight at the balancer and the proxy's misses stopped growing.
+    let mut last = u64::MAX;
+    let settled = wait_until(Duration::from_secs(20), || {
+        let misses = number(px, "misses");
+        let quiet = misses == last && number(lb, "in_flight") == 0 && misses > 0;
+        last = misses;
+        std::thread::sleep(Duration::from_millis(100)); // comparing two polls 100 ms apart
+        quiet
+    });
+    assert!(settled, "the cluster never settled");
+    let lb_growth = rss_kib(c.balancer.pid()).unwrap().saturating_sub(lb_before);
+    let px_growth = rss_kib(c.proxy.pid()).unwrap().saturating_sub(px_before);
+    let forwarded = number(px, "misses");
+    eprintln!(
+        "non-reading client, {GETS} x {VALUE_BYTES} B distinct: balancer +{lb_growth} KiB, proxy +{px_growth} KiB, \
+         {forwarded} GETs forwarded before it read"
+    );
+    assert!(forwarded < GETS as u64 / 10, "{forwarded} GETs were forwarded for a client that does not read");
+    assert!(lb_growth < RSS_BOUND_KIB, "the balancer grew by {lb_growth} KiB");
+    assert!(px_growth < RSS_BOUND_KIB, "the proxy grew by {px_growth} KiB");
+
+    // Others are served meanwhile.
+    let mut other = common::testkit::LineClient::connect(lb).unwrap();
+    assert_eq!(other.request("GET synthetic/5").unwrap()["status"], "OK");
+
+    // The client reads: every answer comes, right and in order.
+    let reading = std::time::Instant::now();
+    hog.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut reader = BufReader::new(hog);
+    let mut line = String::new();
+    for i in 0..GETS {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let answer: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer {i}: {e}"));
+        assert_eq!(answer["status"], "OK", "answer {i}");
+        assert_eq!(answer["data"]["key"], format!("synthetic/{i}"), "answer {i} out of order");
+        assert!(line.len() > VALUE_BYTES, "answer {i} is whole");
+    }
+    eprintln!("all {GETS} answers read in {} ms", reading.elapsed().as_millis());
+}
