@@ -35,15 +35,16 @@ fn cluster() -> Cluster {
     let origin = ChildService::spawn(origin.to_str().unwrap(), &[&["--port", "0"][..], &args].concat())
     .unwrap();
     let proxy = workspace_bin("proxy").unwrap();
-    // A small cache: the values are not kept there, only in answers.
+    // A small cache: the values are not kept there, only in answers. Long time-outs: a debug
+    // build takes a while for 1,000 big answers, and none may turn into a small error.
     let origin_port = origin.addr().port().to_string();
     let proxy = ChildService::spawn(
         proxy.to_str().unwrap(),
-        &["--port", "0", "--origin-port", &origin_port, "--capacity", "4"],
+        &["--port", "0", "--origin-port", &origin_port, "--capacity", "4", "--origin-timeout-ms", "60000"],
     )
     .unwrap();
     let proxy_addr = proxy.addr().to_string();
-    let balancer = ChildService::spawn(BALANCER, &["--port", "0", "--proxies", &proxy_addr]).unwrap();
+    let balancer = ChildService::spawn(BALANCER, &["--port", "0", "--proxies", &proxy_addr, "--request-timeout-ms", "60000"]).unwrap();
     Cluster { _origin: origin, proxy, balancer }
 }
 
