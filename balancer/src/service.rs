@@ -19,7 +19,6 @@ use crate::inflight::{InFlight, Parked};
 use crate::links::Links;
 use crate::metrics::MetricsData;
 use crate::pool::{ConnKind, Route};
-use crate::purge::{Admit, Job, Outcome};
 use crate::request::{Next, Request, Waiter};
 use crate::BalancerConfig;
 
@@ -30,31 +29,45 @@ pub enum Timer {
     AttemptDeadlines,
     /// Exchange N has waited too long.
     Exchange(usize),
+    /// PURGE connection N's oldest answer may be overdue.
+    PurgeDeadline(usize),
 }
+
+#[path = "purging.rs"]
+mod purging;
 
 pub struct Balancer {
     core: InFlight,
     links: Links,
     exchanges: Exchanges,
+    purge_links: crate::purge_links::PurgeLinks,
     /// The dashboard's samples (SPEC 6), taken on the admin listener's tick.
     history: crate::history::History,
 }
 
-/// GET connections and exchanges share the peer token space: even and odd.
+/// GET connections, exchanges and PURGE connections share the peer token space: 2n, 4n+1
+/// and 4n+3.
 fn link_token(index: usize) -> Token {
     peer_token(index.saturating_mul(2))
 }
 
 fn exchange_token(index: usize) -> Token {
-    peer_token(index.saturating_mul(2).saturating_add(1))
+    peer_token(index.saturating_mul(4).saturating_add(1))
+}
+
+fn purge_token(index: usize) -> Token {
+    peer_token(index.saturating_mul(4).saturating_add(3))
 }
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
+        // PURGE connections take at most a quarter of the descriptors kept for upstream use.
+        let purge_budget = config.server.fd_reserve / 4;
         Balancer {
             core: InFlight::new(config),
             links: Links::default(),
             exchanges: Exchanges::default(),
+            purge_links: crate::purge_links::PurgeLinks::new(purge_budget),
             history: crate::history::History::new(),
         }
     }
@@ -309,51 +322,7 @@ impl Balancer {
                     b.set_metrics(&data);
                 }
             }
-            (Purpose::Purge(fan_out), heard) => {
-                core.purges.heard(fan_out, if let Some(Heard::Purge { held }) = heard { Some(held) } else { None });
-                self.purge_finished(ctx, fan_out);
-                while let Some(job) = self.core.purges.next_queued() {
-                    self.launch_purge(ctx, job);
-                }
-            }
-        }
-    }
-
-    fn purge(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, key: &str, id: Option<Id<'_>>) {
-        // A GET in flight may bring pre-purge data: later GETs must not join it.
-        let core = &mut self.core;
-        let key_hash = core.collapser.hash(key);
-        if let Some(leader) = core.collapser.leader(key_hash) {
-            if core.requests.get(leader).is_some_and(|r| r.key == key) {
-                core.collapser.finished(key_hash, leader);
-            }
-        }
-        let ticket = ctx.defer(client, id.is_none());
-        let job = Job { ticket, key: key.to_owned(), client_id: id.map(|id| id.as_json().into()) };
-        match core.purges.submit(job) {
-            Admit::Start(job) => self.launch_purge(ctx, job),
-            Admit::Queued => {}
-            Admit::Overloaded(job) => core.answer_purge(ctx, job, Outcome::Overloaded),
-        }
-    }
-
-    fn launch_purge(&mut self, ctx: &mut Ctx<Timer>, job: Job<Ticket>) {
-        let key = job.key.clone();
-        let fan_out = self.core.purges.begin(job);
-        for backend in 0..self.core.backends.len() {
-            match self.start_exchange(ctx, backend, Purpose::Purge(fan_out), &key) {
-                Ok(()) => self.core.purges.asked(fan_out),
-                // A proxy that is not running holds nothing; it is simply not counted.
-                Err(Failure::Refused) => {}
-                Err(_) => self.core.purges.could_not_ask(fan_out),
-            }
-        }
-        self.purge_finished(ctx, fan_out);
-    }
-
-    fn purge_finished(&mut self, ctx: &mut Ctx<Timer>, fan_out: usize) {
-        if let Some((job, outcome)) = self.core.purges.finished(fan_out) {
-            self.core.answer_purge(ctx, job, outcome);
+            (Purpose::Purge(_), _) => {} // PURGEs go on their own connections
         }
     }
 }
@@ -412,6 +381,7 @@ impl Service for Balancer {
             }
             Timer::AttemptDeadlines => self.on_attempt_deadlines(ctx),
             Timer::Exchange(index) => self.finish_exchange(ctx, index, None),
+            Timer::PurgeDeadline(conn) => self.on_purge_deadline(ctx, conn),
         }
     }
 
@@ -419,8 +389,10 @@ impl Service for Balancer {
         let Some(n) = peer_index(token) else { return };
         if n % 2 == 0 {
             self.on_link_event(ctx, n / 2);
-        } else if let Some(heard) = self.exchanges.on_event(n / 2) {
-            self.finish_exchange(ctx, n / 2, heard);
+        } else if n % 4 == 3 {
+            self.on_purge_event(ctx, n / 4);
+        } else if let Some(heard) = self.exchanges.on_event(n / 4) {
+            self.finish_exchange(ctx, n / 4, heard);
         }
     }
 
