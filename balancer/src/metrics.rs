@@ -54,6 +54,8 @@ pub struct MetricsData<'a> {
     pub collapsed: u64,
     pub reopened: u64,
     pub in_flight: usize,
+    /// GETs parked for their connection's forwarding window (SPEC 3.8), not yet routed.
+    pub waiting_for_room: usize,
     pub latency_us: LatencySummary,
     pub proxies: BTreeMap<&'a str, ProxyData<'a>>,
     pub cluster: ClusterData,
@@ -98,6 +100,7 @@ impl<'a> MetricsData<'a> {
             collapsed: counters.collapsed,
             reopened: counters.reopened,
             in_flight,
+            waiting_for_room: 0,
             latency_us,
             proxies,
             cluster,

@@ -77,7 +77,9 @@ impl Balancer {
         let core = &self.core;
         let (common, strategy) = (ctx.common_metrics("balancer"), core.router.kind().name());
         let latency = core.latency_us.summary();
-        MetricsData::new(common, strategy, core.counters, core.requests.len(), latency, &core.backends)
+        let mut data = MetricsData::new(common, strategy, core.counters, core.requests.len(), latency, &core.backends);
+        data.waiting_for_room = core.windows.parked();
+        data
     }
 
     fn get(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, key: &str, id: Option<Id<'_>>) {
