@@ -137,7 +137,8 @@ impl PurgeLinks {
 
     /// Writes what was queued on `conn` (after a batch of [`PurgeLinks::ask`]).
     pub fn flush_all(&mut self, registry: &Registry, heard: &mut Vec<Heard1>) {
-        let failed: Vec<usize> = self.conns.iter_mut().filter_map(|(i, c)| c.up.flush().is_err().then_some(i)).collect();
+        let failed: Vec<usize> =
+            self.conns.iter_mut().filter_map(|(i, c)| c.up.flush().is_err().then_some(i)).collect();
         for conn in failed {
             self.close(registry, conn, heard);
         }

@@ -41,13 +41,7 @@ impl Balancer {
     }
 
     /// One proxy's share of fan-out `fan_out`: sent, queued for a connection, or failed.
-    fn ask_purge(
-        &mut self,
-        ctx: &mut Ctx<Timer>,
-        backend: usize,
-        fan_out: usize,
-        key: &str,
-    ) {
+    fn ask_purge(&mut self, ctx: &mut Ctx<Timer>, backend: usize, fan_out: usize, key: &str) {
         let addr = self.core.backends[backend].addr;
         let ask = Ask { registry: ctx.registry(), key, deadline: ctx.now() + self.core.config.request_timeout };
         match self.purge_links.ask(&ask, (backend, addr), fan_out, purge_token) {
@@ -105,7 +99,11 @@ impl Balancer {
                         heard.push(Heard1::Silent { fan_out }); // the proxy left the set
                         continue;
                     };
-                    let ask = Ask { registry: ctx.registry(), key: &key, deadline: ctx.now() + self.core.config.request_timeout };
+                    let ask = Ask {
+                        registry: ctx.registry(),
+                        key: &key,
+                        deadline: ctx.now() + self.core.config.request_timeout,
+                    };
                     match self.purge_links.ask(&ask, (backend, addr), fan_out, purge_token) {
                         Ok(Some(conn)) => {
                             if let Some(due) = self.purge_links.due(conn) {

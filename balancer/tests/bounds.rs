@@ -33,8 +33,7 @@ fn cluster() -> Cluster {
     let value_bytes = VALUE_BYTES.to_string();
     let data = common::testkit::temp_dir("bounds-origin");
     let args = ["--data-dir", data.to_str().unwrap(), "--synthetic-keys", &keys, "--value-bytes", &value_bytes];
-    let origin = ChildService::spawn(origin.to_str().unwrap(), &[&["--port", "0"][..], &args].concat())
-    .unwrap();
+    let origin = ChildService::spawn(origin.to_str().unwrap(), &[&["--port", "0"][..], &args].concat()).unwrap();
     let proxy = workspace_bin("proxy").unwrap();
     // A small cache: the values are not kept there, only in answers. Long time-outs: a debug
     // build takes a while for 1,000 big answers, and none may turn into a small error.
@@ -45,7 +44,9 @@ fn cluster() -> Cluster {
     )
     .unwrap();
     let proxy_addr = proxy.addr().to_string();
-    let balancer = ChildService::spawn(BALANCER, &["--port", "0", "--proxies", &proxy_addr, "--request-timeout-ms", "60000"]).unwrap();
+    let balancer =
+        ChildService::spawn(BALANCER, &["--port", "0", "--proxies", &proxy_addr, "--request-timeout-ms", "60000"])
+            .unwrap();
     Cluster { _origin: origin, proxy, balancer }
 }
 
@@ -160,7 +161,9 @@ fn purges_to_many_proxies_share_a_bounded_number_of_connections() {
             _ => panic!("PURGE {i}: {a}"),
         }
     }
-    eprintln!("{PURGES} PURGEs to {PROXIES} proxies: {ok} OK, {overloaded} OVERLOADED; descriptors {baseline} -> peak {peak}");
+    eprintln!(
+        "{PURGES} PURGEs to {PROXIES} proxies: {ok} OK, {overloaded} OVERLOADED; descriptors {baseline} -> peak {peak}"
+    );
     // The PURGE budget is a quarter of the 64 descriptors kept for upstream use; each GET
     // may leave an idle connection to the (single-request) proxy it went to.
     let bound = baseline + 16 + GETS_MEANWHILE + 4;

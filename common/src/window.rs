@@ -81,13 +81,7 @@ impl<P> Windows<P> {
                 self.orphans.extend(gone.parked);
             }
         }
-        slot.get_or_insert_with(|| Conn {
-            client,
-            forwarded: 0,
-            weight,
-            parked: VecDeque::new(),
-            resuming: false,
-        })
+        slot.get_or_insert_with(|| Conn { client, forwarded: 0, weight, parked: VecDeque::new(), resuming: false })
     }
 
     fn live(&mut self, client: ClientId) -> Option<&mut Conn<P>> {
