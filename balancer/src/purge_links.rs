@@ -49,12 +49,15 @@ pub struct Ask<'a> {
     pub deadline: Instant,
 }
 
+/// A fan-out (with its key) waiting for a proxy to get a connection.
+pub type Waiting = (usize, Box<str>);
+
 pub struct PurgeLinks {
     conns: Slab<PurgeConn>,
     /// The connection of each proxy, if it has one.
     of_backend: Vec<Option<usize>>,
-    /// Per proxy: fan-outs (with their key) waiting for it to get a connection.
-    queued: Vec<VecDeque<(usize, Box<str>)>>,
+    /// Per proxy: fan-outs waiting for it to get a connection.
+    queued: Vec<VecDeque<Waiting>>,
     /// Proxies with queued fan-outs, in turn order.
     in_line: VecDeque<usize>,
     budget: usize,
@@ -152,8 +155,7 @@ impl PurgeLinks {
             Ok(Progress::Ready) => {}
             Err(_) => return self.close(registry, conn, heard),
         }
-        loop {
-            let Frame::Line(line, used) = c.up.frame(MAX_ANSWER) else { break };
+        while let Frame::Line(line, used) = c.up.frame(MAX_ANSWER) {
             let Some((fan_out, _)) = c.awaiting.pop_front() else {
                 return self.close(registry, conn, heard); // an answer nobody asked for
             };
@@ -207,7 +209,7 @@ impl PurgeLinks {
 
     /// A proxy in line may have a connection now: returns it with its queued fan-outs, to
     /// [`PurgeLinks::ask`] again (each is counted as asked already).
-    pub fn next_in_line(&mut self) -> Option<(usize, VecDeque<(usize, Box<str>)>)> {
+    pub fn next_in_line(&mut self) -> Option<(usize, VecDeque<Waiting>)> {
         if self.conns.len() >= self.budget {
             return None;
         }
