@@ -217,3 +217,38 @@ impl PurgeLinks {
         Some((backend, std::mem::take(&mut self.queued[backend])))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    #[test]
+    fn proxies_past_the_budget_wait_in_line_and_share_one_connection_each() {
+        let poll = mio::Poll::new().unwrap();
+        let listeners: Vec<TcpListener> = (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let mut links = PurgeLinks::new(2);
+        let now = Instant::now();
+        let ask = Ask { registry: poll.registry(), key: "k", deadline: now + Duration::from_secs(1) };
+        // Two fan-outs to three proxies: proxies 0 and 1 get a connection each, carrying
+        // both PURGEs; proxy 2 waits.
+        for fan_out in 0..2 {
+            for (backend, addr) in addrs.iter().enumerate() {
+                let arm = links.ask(&ask, (backend, *addr), fan_out, Token).unwrap();
+                assert_eq!(arm.is_some(), fan_out == 0 && backend < 2, "one timer per connection");
+            }
+        }
+        assert_eq!(links.open_conns(), 2);
+        assert!(links.next_in_line().is_none(), "no place free");
+        // Proxy 0's connection times out: what it owed is not heard, and proxy 2 gets its place.
+        let mut heard = Vec::new();
+        assert_eq!(links.on_deadline(poll.registry(), 0, now + Duration::from_secs(2), &mut heard), None);
+        assert_eq!(heard, vec![Heard1::Silent { fan_out: 0 }, Heard1::Silent { fan_out: 1 }]);
+        let (backend, waiting) = links.next_in_line().unwrap();
+        assert_eq!(backend, 2);
+        assert_eq!(waiting.iter().map(|(f, _)| *f).collect::<Vec<_>>(), vec![0, 1]);
+        assert!(links.next_in_line().is_none());
+    }
+}
