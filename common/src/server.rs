@@ -15,7 +15,8 @@
 //! earlier one, and each shared chunk once ([`crate::outbuf`]). Answers that complete later
 //! (a slow origin, a coalesced fetch) can still overshoot that; a service that makes big
 //! answers late asks [`Ctx::has_room`] first and, when there is none, waits for
-//! [`Service::on_room`] (the origin does; the proxy and balancer answer from shared bytes).
+//! [`Service::on_room`] (the origin does; the proxy and balancer forward requests upstream
+//! only within each connection's window, [`crate::window`]).
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
