@@ -75,6 +75,11 @@ impl PurgeLinks {
         }
     }
 
+    /// A new budget (clamped likewise), for the connections opened from now on.
+    pub fn set_budget(&mut self, budget: usize) {
+        self.budget = budget.clamp(1, MAX_CONNS);
+    }
+
     pub fn open_conns(&self) -> usize {
         self.conns.len()
     }

@@ -61,7 +61,8 @@ fn purge_token(index: usize) -> Token {
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
-        // PURGE connections take at most a quarter of the descriptors kept for upstream use.
+        // PURGE connections take at most a quarter of the descriptors kept for upstream use
+        // (the reserve actually kept is known once the loop runs: `on_start`).
         let purge_budget = config.server.fd_reserve / 4;
         Balancer {
             core: InFlight::new(config),
@@ -333,6 +334,8 @@ impl Service for Balancer {
     type Timer = Timer;
 
     fn on_start(&mut self, ctx: &mut Ctx<Timer>) {
+        // PURGE connections: a quarter of the descriptors kept for upstream use (SPEC 3.8).
+        self.purge_links.set_budget(ctx.upstream_reserve() / 4);
         // Probe everyone at once, so capabilities are known early; poll metrics soon after.
         for backend in 0..self.core.backends.len() {
             ctx.schedule(ctx.now(), Timer::Probe(backend));

@@ -358,6 +358,12 @@ impl<T> Ctx<T> {
         &self.config
     }
 
+    /// Descriptors kept for the service's own upstream connections (SPEC 3.8): the
+    /// configured reserve, or less under a small limit.
+    pub fn upstream_reserve(&self) -> usize {
+        self.descriptors.reserve()
+    }
+
     pub fn is_connected(&self, client: ClientId) -> bool {
         self.live_index(client).is_some()
     }
