@@ -7,6 +7,7 @@ use common::framing::SharedBytes;
 use common::metrics::LatencyHistogram;
 use common::protocol::{encode_ok_value, write_answer_tail, Id, Reply, Status};
 use common::server::{Ctx, Ticket};
+use common::window::Windows;
 use log::{info, warn};
 use slab::Slab;
 
@@ -19,12 +20,18 @@ use crate::metrics::Counters;
 use crate::pool::ConnKind;
 use crate::purge::{Job, Outcome, Purges};
 use crate::relay::read_answer;
-use crate::request::Request;
+use crate::request::{Request, Waiter};
 use crate::service::Timer;
 use crate::strategy::{Candidate, Router};
 use crate::BalancerConfig;
 
 const MAX_SPARE_STRINGS: usize = 4096;
+
+/// A GET that waits for its client's forwarding window (SPEC 3.8) before it is routed.
+pub struct Parked {
+    pub waiter: Waiter<Ticket>,
+    pub key: String,
+}
 
 pub struct InFlight {
     pub config: BalancerConfig,
@@ -47,8 +54,11 @@ pub struct InFlight {
     pub spare: Vec<String>,
     /// Reused for the tail of each shared answer.
     pub tail: Vec<u8>,
-    /// Client GETs accepted and not yet answered (leaders and followers): `--max-pending`.
+    /// Client GETs accepted and not yet answered (leaders, followers, parked): `--max-pending`.
     pub waiting: usize,
+    /// Each client connection's forwarding window: a GET is routed only while its client's
+    /// answers so far fit in its output bound; the others are parked here (SPEC 3.8).
+    pub windows: Windows<Parked>,
 }
 
 impl InFlight {
@@ -69,6 +79,7 @@ impl InFlight {
             spare: Vec::new(),
             tail: Vec::new(),
             waiting: 0,
+            windows: Windows::new(config.server.output_limit),
             config,
         }
     }
@@ -86,15 +97,26 @@ impl InFlight {
         }
     }
 
-    /// A request is answered: it leaves the collapser, the count and the string pool.
-    pub fn forget(&mut self, index: usize, r: Request<Ticket>) {
+    /// A request is answered (`bytes`: its answer's size, 0 for an error): it leaves the
+    /// collapser, the count, its clients' windows and the string pool.
+    pub fn forget(&mut self, index: usize, r: Request<Ticket>, bytes: usize) {
         self.collapser.finished(r.key_hash, index);
         self.waiting = self.waiting.saturating_sub(1 + r.followers.len());
         self.recycle(r.key);
+        self.windows.answered(r.leader.ticket.client(), bytes);
         self.recycle(r.leader.client_id);
         for w in r.followers {
+            self.windows.answered(w.ticket.client(), bytes);
             self.recycle(w.client_id);
         }
+    }
+
+    /// A parked GET whose client has gone: it stops counting.
+    pub fn drop_parked(&mut self, ctx: &mut Ctx<Timer>, parked: Parked) {
+        self.waiting = self.waiting.saturating_sub(1);
+        ctx.complete(parked.waiter.ticket, |_| {});
+        self.recycle(parked.key);
+        self.recycle(parked.waiter.client_id);
     }
 
     /// One answer line on connection `conn`: delivered to the attempt it answers, dropped if
@@ -148,7 +170,7 @@ impl InFlight {
         for w in r.waiters() {
             self.latency_us.record(w.received.elapsed());
         }
-        self.forget(attempt.request, r);
+        self.forget(attempt.request, r, line.len());
         Ok(())
     }
 
@@ -161,7 +183,7 @@ impl InFlight {
             ctx.complete(w.ticket, |out| Reply::error(Status::ProxyUnreachable, &message).id(id).encode(out));
             self.latency_us.record(w.received.elapsed());
         }
-        self.forget(index, r);
+        self.forget(index, r, 0);
     }
 
     /// Passive health: a real request to `backend` failed.

@@ -16,6 +16,7 @@ pub mod membership;
 pub mod metrics;
 pub mod pool;
 pub mod purge;
+pub mod purge_links;
 pub mod reconfig;
 pub mod relay;
 pub mod request;

@@ -64,6 +64,8 @@ pub struct MetricsData<'a> {
     pub reloads: u64,
     pub reloads_failed: u64,
     pub in_flight: usize,
+    /// GETs parked for their connection's forwarding window (SPEC 3.8), not yet routed.
+    pub waiting_for_room: usize,
     pub latency_us: LatencySummary,
     pub proxies: BTreeMap<&'a str, ProxyData<'a>>,
     pub cluster: ClusterData,
@@ -112,6 +114,7 @@ impl<'a> MetricsData<'a> {
             reloads: counters.reloads,
             reloads_failed: counters.reloads_failed,
             in_flight,
+            waiting_for_room: 0,
             latency_us,
             proxies,
             cluster,

@@ -1,5 +1,6 @@
 //! PURGE fan-out (SPEC 2.6, 3.8): every PURGE goes to every proxy, bounded like GETs. At
-//! most [`MAX_RUNNING`] fan-outs are out at once (each holds one connection per proxy), up to
+//! most [`MAX_RUNNING`] fan-outs are out at once (their lines share the bounded PURGE
+//! connections of [`crate::purge_links`]), up to
 //! [`MAX_QUEUED`] more wait their turn, and past that a PURGE gets `OVERLOADED`. A PURGE that
 //! could not be sent to some proxy for want of local resources is `OVERLOADED` too, so a PURGE
 //! answered `OK` reached every proxy it counts. Plain bookkeeping; the service does the I/O.
@@ -100,6 +101,14 @@ impl<T> Purges<T> {
     /// One proxy could not be asked for want of local resources.
     pub fn could_not_ask(&mut self, fan_out: usize) {
         if let Some(f) = self.running.get_mut(fan_out) {
+            f.short = true;
+        }
+    }
+
+    /// A proxy it was queued for could not be asked after all, for want of local resources.
+    pub fn short_after_asked(&mut self, fan_out: usize) {
+        if let Some(f) = self.running.get_mut(fan_out) {
+            f.waiting = f.waiting.saturating_sub(1);
             f.short = true;
         }
     }

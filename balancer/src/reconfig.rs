@@ -108,7 +108,7 @@ impl Balancer {
     }
 
     /// End of turn: leaving proxies close their idle connections, and a slot nothing uses
-    /// any more (no GET in flight, no connection, no exchange) is freed — it leaves METRICS.
+    /// any more (no GET in flight, no connection, no exchange, no PURGE) is freed — it leaves METRICS.
     pub(crate) fn sweep_leaving(&mut self, ctx: &mut Ctx<Timer>) {
         if self.roster.leaving.is_empty() {
             return;
@@ -124,7 +124,13 @@ impl Balancer {
                 }
             }
             let b = &mut self.core.backends[slot];
-            if open == 0 && b.in_flight == 0 && !b.probing && !b.polling && !self.exchanges.involve(slot) {
+            if open == 0
+                && b.in_flight == 0
+                && !b.probing
+                && !b.polling
+                && !self.exchanges.involve(slot)
+                && !self.purge_links.involve(slot)
+            {
                 info!("proxy {} has drained and left the set", b.name);
                 b.state = SlotState::Free;
                 b.metrics = None;

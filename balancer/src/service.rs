@@ -14,11 +14,10 @@ use mio::Token;
 use crate::attempts::Attempt;
 use crate::exchange::{Exchanges, Heard, Purpose, MAX_ANSWER};
 use crate::failure::Failure;
-use crate::inflight::InFlight;
+use crate::inflight::{InFlight, Parked};
 use crate::links::Links;
 use crate::metrics::MetricsData;
 use crate::pool::{ConnKind, Route};
-use crate::purge::{Admit, Job, Outcome};
 use crate::request::{Next, Request, Waiter};
 use crate::BalancerConfig;
 
@@ -32,7 +31,12 @@ pub enum Timer {
     AttemptDeadlines,
     /// Exchange N has waited too long.
     Exchange(usize),
+    /// PURGE connection N's oldest answer may be overdue.
+    PurgeDeadline(usize),
 }
+
+#[path = "purging.rs"]
+mod purging;
 
 pub struct Balancer {
     pub(crate) core: InFlight,
@@ -41,27 +45,37 @@ pub struct Balancer {
     /// The proxy set's sources and leaving slots (SPEC 7); its glue is in `reconfig`.
     pub(crate) roster: crate::roster::Roster,
     pub(crate) resolver: Option<crate::resolver::Resolver>,
+    pub(crate) purge_links: crate::purge_links::PurgeLinks,
     /// The dashboard's samples (SPEC 6), taken on the admin listener's tick.
     history: crate::history::History,
 }
 
-/// GET connections and exchanges share the peer token space: even and odd.
+/// GET connections, exchanges and PURGE connections share the peer token space: 2n, 4n+1
+/// and 4n+3.
 fn link_token(index: usize) -> Token {
     peer_token(index.saturating_mul(2))
 }
 
 fn exchange_token(index: usize) -> Token {
-    peer_token(index.saturating_mul(2).saturating_add(1))
+    peer_token(index.saturating_mul(4).saturating_add(1))
+}
+
+fn purge_token(index: usize) -> Token {
+    peer_token(index.saturating_mul(4).saturating_add(3))
 }
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
+        // PURGE connections take at most a quarter of the descriptors kept for upstream use
+        // (the reserve actually kept is known once the loop runs: `on_start`).
+        let purge_budget = config.server.fd_reserve / 4;
         Balancer {
             roster: crate::roster::Roster::new(&config),
             resolver: None,
             core: InFlight::new(config),
             links: Links::default(),
             exchanges: Exchanges::default(),
+            purge_links: crate::purge_links::PurgeLinks::new(purge_budget),
             history: crate::history::History::new(),
         }
     }
@@ -71,7 +85,9 @@ impl Balancer {
         let core = &self.core;
         let (common, strategy) = (ctx.common_metrics("balancer"), core.router.kind().name());
         let latency = core.latency_us.summary();
-        MetricsData::new(common, strategy, core.counters, core.requests.len(), latency, &core.backends)
+        let mut data = MetricsData::new(common, strategy, core.counters, core.requests.len(), latency, &core.backends);
+        data.waiting_for_room = core.windows.parked();
+        data
     }
 
     fn get(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, key: &str, id: Option<Id<'_>>) {
@@ -84,6 +100,21 @@ impl Balancer {
         core.waiting += 1;
         let client_id = core.pooled(id.map_or("", |id| id.as_json()));
         let waiter = Waiter { ticket: ctx.defer(client, id.is_none()), client_id, received: ctx.now() };
+        if !core.windows.try_forward(client, ctx.has_room(client)) {
+            // Its client's answers so far fill its output bound: it waits (SPEC 3.8).
+            let key = core.pooled(key);
+            core.windows.park(client, Parked { waiter, key });
+            if !ctx.has_room(client) {
+                ctx.notify_room(client);
+            }
+            return;
+        }
+        self.route(ctx, waiter, key);
+    }
+
+    /// Collapses GET `waiter` onto one in flight for `key`, or routes it.
+    fn route(&mut self, ctx: &mut Ctx<Timer>, waiter: Waiter<Ticket>, key: &str) {
+        let core = &mut self.core;
         let key_hash = core.collapser.hash(key);
         if let Some(leader) = core.collapser.leader(key_hash).and_then(|i| core.requests.get_mut(i)) {
             if leader.key == key {
@@ -96,6 +127,23 @@ impl Balancer {
         let index = core.requests.insert(Request::new(waiter, key, key_hash));
         core.collapser.lead(key_hash, index);
         self.dispatch(ctx, index);
+    }
+
+    /// Routes the parked GETs of `client` its window has room for (dropped if it has gone).
+    fn resume(&mut self, ctx: &mut Ctx<Timer>, client: ClientId) {
+        if !ctx.is_connected(client) {
+            for parked in self.core.windows.take_parked(client) {
+                self.core.drop_parked(ctx, parked);
+            }
+            return;
+        }
+        while let Some(Parked { waiter, key }) = self.core.windows.unpark(client, ctx.has_room(client)) {
+            self.route(ctx, waiter, &key);
+            self.core.recycle(key);
+        }
+        if self.core.windows.has_parked(client) && !ctx.has_room(client) {
+            ctx.notify_room(client);
+        }
     }
 
     /// Sends request `index` to the proxy the strategy picks among those not tried yet, or
@@ -284,54 +332,7 @@ impl Balancer {
                     b.set_metrics(&data);
                 }
             }
-            (Purpose::Purge(fan_out), heard) => {
-                core.purges.heard(fan_out, if let Some(Heard::Purge { held }) = heard { Some(held) } else { None });
-                self.purge_finished(ctx, fan_out);
-                while let Some(job) = self.core.purges.next_queued() {
-                    self.launch_purge(ctx, job);
-                }
-            }
-        }
-    }
-
-    fn purge(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, key: &str, id: Option<Id<'_>>) {
-        // A GET in flight may bring pre-purge data: later GETs must not join it.
-        let core = &mut self.core;
-        let key_hash = core.collapser.hash(key);
-        if let Some(leader) = core.collapser.leader(key_hash) {
-            if core.requests.get(leader).is_some_and(|r| r.key == key) {
-                core.collapser.finished(key_hash, leader);
-            }
-        }
-        let ticket = ctx.defer(client, id.is_none());
-        let job = Job { ticket, key: key.to_owned(), client_id: id.map(|id| id.as_json().into()) };
-        match core.purges.submit(job) {
-            Admit::Start(job) => self.launch_purge(ctx, job),
-            Admit::Queued => {}
-            Admit::Overloaded(job) => core.answer_purge(ctx, job, Outcome::Overloaded),
-        }
-    }
-
-    fn launch_purge(&mut self, ctx: &mut Ctx<Timer>, job: Job<Ticket>) {
-        let key = job.key.clone();
-        let fan_out = self.core.purges.begin(job);
-        for backend in 0..self.core.backends.len() {
-            if !self.core.backends[backend].present() {
-                continue;
-            }
-            match self.start_exchange(ctx, backend, Purpose::Purge(fan_out), &key) {
-                Ok(()) => self.core.purges.asked(fan_out),
-                // A proxy that is not running holds nothing; it is simply not counted.
-                Err(Failure::Refused) => {}
-                Err(_) => self.core.purges.could_not_ask(fan_out),
-            }
-        }
-        self.purge_finished(ctx, fan_out);
-    }
-
-    fn purge_finished(&mut self, ctx: &mut Ctx<Timer>, fan_out: usize) {
-        if let Some((job, outcome)) = self.core.purges.finished(fan_out) {
-            self.core.answer_purge(ctx, job, outcome);
+            (Purpose::Purge(_), _) => {} // PURGEs go on their own connections
         }
     }
 }
@@ -340,6 +341,8 @@ impl Service for Balancer {
     type Timer = Timer;
 
     fn on_start(&mut self, ctx: &mut Ctx<Timer>) {
+        // PURGE connections: a quarter of the descriptors kept for upstream use (SPEC 3.8).
+        self.purge_links.set_budget(ctx.upstream_reserve() / 4);
         // Probe everyone at once, so capabilities are known early; poll metrics soon after.
         for backend in 0..self.core.backends.len() {
             ctx.schedule(ctx.now(), Timer::Probe(backend, 0));
@@ -399,6 +402,7 @@ impl Service for Balancer {
             Timer::AttemptDeadlines => self.on_attempt_deadlines(ctx),
             Timer::Exchange(index) => self.finish_exchange(ctx, index, None),
             Timer::Resolve => self.on_resolve_timer(ctx),
+            Timer::PurgeDeadline(conn) => self.on_purge_deadline(ctx, conn),
         }
     }
 
@@ -406,8 +410,10 @@ impl Service for Balancer {
         let Some(n) = peer_index(token) else { return };
         if n % 2 == 0 {
             self.on_link_event(ctx, n / 2);
-        } else if let Some(heard) = self.exchanges.on_event(n / 2) {
-            self.finish_exchange(ctx, n / 2, heard);
+        } else if n % 4 == 3 {
+            self.on_purge_event(ctx, n / 4);
+        } else if let Some(heard) = self.exchanges.on_event(n / 4) {
+            self.finish_exchange(ctx, n / 4, heard);
         }
     }
 
@@ -433,7 +439,18 @@ impl Service for Balancer {
         self.history.sample(ctx.now(), crate::dashboard::wall_ms(), &metrics, &self.core.latency_us);
     }
 
+    fn on_room(&mut self, ctx: &mut Ctx<Timer>, client: ClientId) {
+        self.resume(ctx, client);
+    }
+
     fn on_turn_end(&mut self, ctx: &mut Ctx<Timer>) {
+        // Parked GETs whose window reopened go on; those of clients gone stop counting.
+        while let Some(parked) = self.core.windows.take_orphan() {
+            self.core.drop_parked(ctx, parked);
+        }
+        while let Some(client) = self.core.windows.next_resumable() {
+            self.resume(ctx, client);
+        }
         // Proxies just marked down: their GETs in flight go elsewhere now.
         while let Some(backend) = self.core.went_down.pop() {
             for conn in self.links.of_backend(backend) {

@@ -18,6 +18,8 @@ const LOG_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct DescriptorBudget {
     client_cap: usize,
+    /// The descriptors kept for upstream connections (less than asked under a small limit).
+    reserve: usize,
     last_log: Option<Instant>,
 }
 
@@ -25,11 +27,11 @@ impl DescriptorBudget {
     /// Measures the limit and the descriptors open now. Without /proc, clients are not capped
     /// here (`--max-connections` still applies).
     pub fn measure(reserve: usize) -> Self {
-        let client_cap = match (soft_nofile_limit(), open_descriptors()) {
-            (Some(limit), Some(open)) => Self::cap_for(limit, open, reserve),
-            _ => usize::MAX,
+        let (client_cap, reserve) = match (soft_nofile_limit(), open_descriptors()) {
+            (Some(limit), Some(open)) => (Self::cap_for(limit, open, reserve), Self::reserve_for(limit, open, reserve)),
+            _ => (usize::MAX, reserve),
         };
-        DescriptorBudget { client_cap, last_log: None }
+        DescriptorBudget { client_cap, reserve, last_log: None }
     }
 
     /// Clients that fit in `limit` descriptors with `open` in use and `reserve` kept back. When
@@ -38,6 +40,17 @@ impl DescriptorBudget {
         let free = usize::try_from(limit).unwrap_or(usize::MAX).saturating_sub(open);
         let reserve = reserve.min(free / 2);
         free.saturating_sub(reserve).max(1)
+    }
+
+    /// The reserve kept out of `limit` with `open` in use, `reserve` asked for.
+    pub fn reserve_for(limit: u64, open: usize, reserve: usize) -> usize {
+        let free = usize::try_from(limit).unwrap_or(usize::MAX).saturating_sub(open);
+        reserve.min(free / 2)
+    }
+
+    /// Descriptors kept for the service's own upstream connections.
+    pub fn reserve(&self) -> usize {
+        self.reserve
     }
 
     pub fn client_cap(&self) -> usize {
@@ -91,13 +104,15 @@ mod tests {
         // Too small for the whole reserve: share.
         assert_eq!(DescriptorBudget::cap_for(64, 10, 64), 27);
         assert_eq!(DescriptorBudget::cap_for(5, 10, 64), 1);
+        assert_eq!(DescriptorBudget::reserve_for(1024, 10, 64), 64);
+        assert_eq!(DescriptorBudget::reserve_for(64, 10, 64), 27);
         assert_eq!(DescriptorBudget::cap_for(u64::MAX, 10, 64), usize::MAX - 74);
         assert!(soft_nofile_limit().is_some());
     }
 
     #[test]
     fn warnings_are_rate_limited() {
-        let mut budget = DescriptorBudget { client_cap: 1, last_log: None };
+        let mut budget = DescriptorBudget { client_cap: 1, reserve: 1, last_log: None };
         let t = Instant::now();
         assert!(budget.may_log(t));
         assert!(!budget.may_log(t + Duration::from_millis(500)));

@@ -17,3 +17,4 @@ pub mod server;
 pub mod testkit;
 pub mod timers;
 pub mod upstream;
+pub mod window;

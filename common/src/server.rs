@@ -15,7 +15,8 @@
 //! earlier one, and each shared chunk once ([`crate::outbuf`]). Answers that complete later
 //! (a slow origin, a coalesced fetch) can still overshoot that; a service that makes big
 //! answers late asks [`Ctx::has_room`] first and, when there is none, waits for
-//! [`Service::on_room`] (the origin does; the proxy and balancer answer from shared bytes).
+//! [`Service::on_room`] (the origin does; the proxy and balancer forward requests upstream
+//! only within each connection's window, [`crate::window`]).
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -130,6 +131,19 @@ impl Default for ServerConfig {
 pub struct ClientId {
     index: usize,
     serial: u64,
+}
+
+impl ClientId {
+    /// Its slot among the open connections, reused after it closes (so a table indexed by it
+    /// keeps the whole `ClientId` to tell a new connection from a gone one).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_test(index: usize, serial: u64) -> Self {
+        ClientId { index, serial }
+    }
 }
 
 /// A promise to answer one request later, from [`Ctx::defer`].
@@ -355,6 +369,12 @@ impl<T> Ctx<T> {
 
     pub fn config(&self) -> &ServerConfig {
         &self.config
+    }
+
+    /// Descriptors kept for the service's own upstream connections (SPEC 3.8): the
+    /// configured reserve, or less under a small limit.
+    pub fn upstream_reserve(&self) -> usize {
+        self.descriptors.reserve()
     }
 
     pub fn is_connected(&self, client: ClientId) -> bool {

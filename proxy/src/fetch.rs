@@ -58,6 +58,8 @@ pub struct Fetches<W> {
     waiting: usize,
     max_in_flight: usize,
     max_pending: usize,
+    /// Requests parked for their connection's forwarding window: they wait too (SPEC 3.3).
+    parked: usize,
 }
 
 impl<W> Fetches<W> {
@@ -70,6 +72,7 @@ impl<W> Fetches<W> {
             waiting: 0,
             max_in_flight: max_in_flight.max(1),
             max_pending,
+            parked: 0,
         }
     }
 
@@ -95,12 +98,22 @@ impl<W> Fetches<W> {
         self.fetches.get_mut(id)
     }
 
+    /// How many requests are parked outside (they count against `max_pending`).
+    pub fn set_parked(&mut self, parked: usize) {
+        self.parked = parked;
+    }
+
+    /// Whether one more request may wait (`max_pending` counts the parked ones too).
+    pub fn may_wait(&self) -> bool {
+        self.waiting.saturating_add(self.parked) < self.max_pending
+    }
+
     /// Adds a request that missed on `key`; hands the waiter back when `max_pending`
     /// requests already wait on the origin.
     pub fn join(&mut self, key: &str, waiter: W) -> Result<Joined, W> {
         let start = self.running < self.max_in_flight;
         let coalesces = self.by_key.contains_key(key);
-        if (coalesces || !start) && self.waiting >= self.max_pending {
+        if (coalesces || !start) && !self.may_wait() {
             return Err(waiter);
         }
         if let Some(&id) = self.by_key.get(key) {

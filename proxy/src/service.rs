@@ -13,6 +13,7 @@ use common::metrics::{ratio, CommonMetrics, LatencyHistogram, LatencySummary};
 use common::outbuf::SHARE_MIN;
 use common::protocol::{parse_request, Data, Id, Op, Reply, Status};
 use common::server::{peer_index, ClientId, Ctx, Service, Ticket};
+use common::window::Windows;
 use log::debug;
 use mio::event::Event;
 use mio::Token;
@@ -33,6 +34,12 @@ pub struct Waiter {
     ticket: Ticket,
     id: Option<Box<str>>,
     received: Instant,
+}
+
+/// A miss that waits for its connection's forwarding window before its fetch (SPEC 3.8).
+struct Parked {
+    key: Box<str>,
+    waiter: Waiter,
 }
 
 pub enum Timer {
@@ -74,6 +81,9 @@ struct Core {
     sweep_interval: Duration,
     /// Where the head and tail around a shared value are encoded.
     scratch: Vec<u8>,
+    /// Each client connection's forwarding window: a miss joins a fetch only while the
+    /// answers its client awaits fit in its output bound; the others are parked here.
+    windows: Windows<Parked>,
 }
 
 pub struct Proxy {
@@ -93,6 +103,7 @@ impl Proxy {
                 origin_timeout: config.origin_timeout,
                 sweep_interval: config.sweep_interval,
                 scratch: Vec::new(),
+                windows: Windows::new(config.server.output_limit),
             },
             pool: OriginPool::new(config.origin, config.origin_max_inflight),
         }
@@ -114,9 +125,28 @@ impl Proxy {
             core.latency_us.record(now.elapsed());
             return;
         }
-        core.counters.misses += 1;
         let ticket = ctx.defer(client, id.is_none());
         let waiter = Waiter { ticket, id: id.map(|id| id.as_json().into()), received: now };
+        if !core.windows.try_forward(client, ctx.has_room(client)) {
+            // Its client's answers so far fill its output bound: the fetch waits (SPEC 3.8).
+            if !core.fetches.may_wait() {
+                return core.overloaded(ctx, waiter);
+            }
+            core.windows.park(client, Parked { key: key.into(), waiter });
+            core.fetches.set_parked(core.windows.parked());
+            if !ctx.has_room(client) {
+                ctx.notify_room(client);
+            }
+            return;
+        }
+        self.miss(ctx, key, waiter);
+    }
+
+    /// A miss whose window is open: it joins (or starts) the fetch of `key`.
+    fn miss(&mut self, ctx: &mut Ctx<Timer>, key: &str, waiter: Waiter) {
+        let core = &mut self.core;
+        core.counters.misses += 1;
+        core.fetches.set_parked(core.windows.parked());
         match core.fetches.join(key, waiter) {
             Ok(Joined::Start(fetch)) => {
                 self.arm_timeout(ctx, fetch);
@@ -125,11 +155,29 @@ impl Proxy {
             Ok(Joined::Queued(fetch)) => self.arm_timeout(ctx, fetch),
             Ok(Joined::Coalesced(_)) => core.counters.coalesced += 1,
             Err(waiter) => {
-                core.counters.overloaded += 1;
-                ctx.complete(waiter.ticket, |out| {
-                    Reply::error(Status::Overloaded, "too many requests waiting on the origin").id(id).encode(out)
-                });
+                core.windows.answered(waiter.ticket.client(), 0);
+                core.overloaded(ctx, waiter);
             }
+        }
+    }
+
+    /// Serves the parked misses of `client` its window has room for now: from the cache if
+    /// the value came meanwhile, else by a fetch. Dropped when the client has gone.
+    fn resume(&mut self, ctx: &mut Ctx<Timer>, client: ClientId) {
+        if !ctx.is_connected(client) {
+            for parked in self.core.windows.take_parked(client) {
+                ctx.complete(parked.waiter.ticket, |_| {});
+            }
+            return self.core.fetches.set_parked(self.core.windows.parked());
+        }
+        while let Some(Parked { key, waiter }) = self.core.windows.unpark(client, ctx.has_room(client)) {
+            if !self.core.answer_from_cache(ctx, &key, &waiter) {
+                self.miss(ctx, &key, waiter);
+            }
+        }
+        self.core.fetches.set_parked(self.core.windows.parked());
+        if self.core.windows.has_parked(client) && !ctx.has_room(client) {
+            ctx.notify_room(client);
         }
     }
 
@@ -239,6 +287,7 @@ impl Proxy {
             fetches_running: core.fetches.running(),
             fetches_queued: core.fetches.queued(),
             waiting_on_origin: core.fetches.waiting(),
+            waiting_for_room: core.windows.parked(),
             origin: self.pool.addr().to_string(),
             origin_connections: self.pool.open(),
             origin_connects: self.pool.connects(),
@@ -248,6 +297,32 @@ impl Proxy {
 }
 
 impl Core {
+    fn overloaded(&mut self, ctx: &mut Ctx<Timer>, waiter: Waiter) {
+        self.counters.overloaded += 1;
+        let id = waiter.id.as_deref().and_then(Id::from_raw_json);
+        ctx.complete(waiter.ticket, |out| {
+            Reply::error(Status::Overloaded, "too many requests waiting on the origin").id(id).encode(out)
+        });
+    }
+
+    /// Answers a resumed miss from the cache, if the value is there now.
+    fn answer_from_cache(&mut self, ctx: &mut Ctx<Timer>, key: &str, waiter: &Waiter) -> bool {
+        let Some(cached) = self.cache.get(key, ctx.now()) else { return false };
+        self.counters.hits += 1;
+        let (node, id) = (self.node, waiter.id.as_deref().and_then(Id::from_raw_json));
+        let bytes = cached.value.len();
+        if bytes < SHARE_MIN {
+            ctx.complete(waiter.ticket, |out| encode_cached(out, cached, id, node, false));
+        } else {
+            let head = encode_around(&mut self.scratch, cached_reply(cached, id, node, false));
+            let (head, tail) = self.scratch.split_at(head);
+            ctx.complete_shared(waiter.ticket, head, cached.value, tail);
+        }
+        self.windows.answered(waiter.ticket.client(), bytes);
+        self.latency_us.record(waiter.received.elapsed());
+        true
+    }
+
     /// Answers every waiter of `fetch` with its outcome, caching it when it may be cached.
     fn finish(&mut self, ctx: &mut Ctx<Timer>, fetch: FetchId, outcome: Outcome<'_>) {
         let Some(f) = self.fetches.finish(fetch) else { return };
@@ -285,7 +360,13 @@ impl Core {
             (Some(value), None) if value.len() >= SHARE_MIN => Some((value, false, false)),
             _ => None,
         };
+        let bytes = match (&outcome, stale) {
+            (_, Some(cached)) => cached.value.len(),
+            (Outcome::Value(value), _) => value.len(),
+            _ => 0,
+        };
         for waiter in f.waiters {
+            self.windows.answered(waiter.ticket.client(), bytes);
             let id = waiter.id.as_deref().and_then(Id::from_raw_json);
             if let Some((value, stale, negative)) = big {
                 let reply = if stale {
@@ -402,6 +483,8 @@ struct MetricsData {
     fetches_running: usize,
     fetches_queued: usize,
     waiting_on_origin: usize,
+    /// Misses parked for their connection's forwarding window (SPEC 3.8).
+    waiting_for_room: usize,
     origin: String,
     origin_connections: usize,
     origin_connects: u64,
@@ -465,6 +548,21 @@ impl Service for Proxy {
         if let Some(conn) = peer_index(token) {
             self.on_origin_event(ctx, conn);
         }
+    }
+
+    fn on_room(&mut self, ctx: &mut Ctx<Timer>, client: ClientId) {
+        self.resume(ctx, client);
+    }
+
+    fn on_turn_end(&mut self, ctx: &mut Ctx<Timer>) {
+        // Parked misses whose window reopened go on; those of clients gone stop counting.
+        while let Some(parked) = self.core.windows.take_orphan() {
+            ctx.complete(parked.waiter.ticket, |_| {});
+        }
+        while let Some(client) = self.core.windows.next_resumable() {
+            self.resume(ctx, client);
+        }
+        self.core.fetches.set_parked(self.core.windows.parked());
     }
 }
 
