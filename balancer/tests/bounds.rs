@@ -137,17 +137,22 @@ fn purge_fan_out(nofile: usize, purges: usize, budget: usize) {
     let fakes: Vec<FakeServer> =
         (0..PROXIES).map(|_| FakeServer::start(FakeBehavior::Reply(answer.clone())).unwrap()).collect();
     let list: Vec<String> = fakes.iter().map(|f| f.addr().to_string()).collect();
-    // Probes and polls once at start-up only, so they do not compete for descriptors.
+    // Probes once at start-up only, and no polls, so they do not compete for descriptors.
     let script = format!(
-        "ulimit -n {nofile} && exec {BALANCER} --port 0 --health-interval-ms 600000 --metrics-interval-ms 600000 --proxies {}",
+        "ulimit -n {nofile} && exec {BALANCER} --port 0 --health-interval-ms 600000 --health-timeout-ms 600000 --metrics-interval-ms 600000 --proxies {}",
         list.join(" ")
     );
     let lb = ChildService::spawn("sh", &["-c", &script]).unwrap();
     let mut other = common::testkit::LineClient::connect(lb.addr()).unwrap();
-    // Start-up probes and polls done: every proxy answered its poll.
-    assert!(wait_until(Duration::from_secs(10), || {
-        std::thread::sleep(Duration::from_millis(50));
-        open_descriptors(lb.pid()) < 20
+    // The start-up probes done (each proxy heard its HEALTH, or its probe failed at once for
+    // want of a descriptor) and their connections closed, so they are not counted against
+    // the PURGEs. Polls never start: their first one waits for the 600 s health time-out.
+    assert!(wait_until(Duration::from_secs(20), || {
+        let m = other.request("METRICS").unwrap_or_default();
+        let probed = fakes.iter().all(|f| {
+            f.requests() > 0 || m["data"]["proxies"][f.addr().to_string()]["consecutive_failures"].as_u64() > Some(0)
+        });
+        probed && open_descriptors(lb.pid()) < 20
     }));
     let baseline = open_descriptors(lb.pid());
 
