@@ -9,7 +9,7 @@ use common::server::{Ctx, Ticket};
 use log::{info, warn};
 use slab::Slab;
 
-use crate::attempts::AttemptBook;
+use crate::attempts::{Attempt, AttemptBook};
 use crate::backend::Backend;
 use crate::collapse::Collapser;
 use crate::failure::Failure;
@@ -17,7 +17,7 @@ use crate::health::Transition;
 use crate::metrics::Counters;
 use crate::pool::ConnKind;
 use crate::purge::{Job, Outcome, Purges};
-use crate::relay::read_answer;
+use crate::relay::{read_answer, Line};
 use crate::request::Request;
 use crate::service::Timer;
 use crate::strategy::{Candidate, Router};
@@ -86,7 +86,7 @@ impl InFlight {
     pub fn forget(&mut self, index: usize, r: Request<Ticket>) {
         self.collapser.finished(r.key_hash, index);
         self.waiting = self.waiting.saturating_sub(1 + r.followers.len());
-        self.recycle(r.key);
+        self.recycle(r.key.into_string());
         self.recycle(r.leader.client_id);
         for w in r.followers {
             self.recycle(w.client_id);
@@ -94,13 +94,31 @@ impl InFlight {
     }
 
     /// One answer line on connection `conn`: delivered to the attempt it answers, dropped if
-    /// it answers none sent on this connection, an error if it is no answer at all.
-    pub fn on_answer(&mut self, ctx: &mut Ctx<Timer>, conn: usize, kind: ConnKind, line: &[u8]) -> Result<(), Failure> {
-        let (tag, answer) = read_answer(line, kind == ConnKind::Mux)?;
+    /// it answers none sent on this connection. Garbage fails only the attempt it names
+    /// (returned, to be retried); garbage on a multiplexed connection that names none counts
+    /// against the proxy, and its attempt meets its deadline. `Err`: the connection is broken
+    /// (an answer on a single-request connection that owes none, or garbage on one).
+    pub fn on_answer(
+        &mut self,
+        ctx: &mut Ctx<Timer>,
+        (conn, backend, kind): (usize, usize, ConnKind),
+        line: &[u8],
+    ) -> Result<Option<Attempt>, Failure> {
+        let (tag, answer) = match read_answer(line, kind == ConnKind::Mux) {
+            Line::Answer(tag, answer) => (tag, answer),
+            Line::Garbage(_) if kind == ConnKind::Single => return Err(Failure::Garbage),
+            Line::Garbage(tag) => match tag.and_then(|tag| self.book.answered(conn, tag)) {
+                Some(attempt) => return Ok(Some(attempt)),
+                None => {
+                    self.note_failure(backend, Failure::Garbage);
+                    return Ok(None);
+                }
+            },
+        };
         let attempt = match tag {
             Some(tag) => match self.book.answered(conn, tag) {
                 Some(attempt) => attempt,
-                None => return Ok(()), // unknown, late or foreign: dropped
+                None => return Ok(None), // unknown, late or foreign: dropped
             },
             None => self.book.answered_in_order(conn).ok_or(Failure::Garbage)?,
         };
@@ -110,7 +128,7 @@ impl InFlight {
             // An answer clears passive failures; only probes bring a down proxy back.
             b.health.record_success();
         }
-        let Some(r) = self.requests.try_remove(attempt.request) else { return Ok(()) };
+        let Some(r) = self.requests.try_remove(attempt.request) else { return Ok(None) };
         if r.followers.is_empty() {
             // The hit path: two copies into the client's buffer, nothing allocated.
             ctx.complete(r.leader.ticket, |out| answer.write_with_id(out, r.leader.client_id()));
@@ -127,7 +145,7 @@ impl InFlight {
             self.latency_us.record(w.received.elapsed());
         }
         self.forget(attempt.request, r);
-        Ok(())
+        Ok(None)
     }
 
     pub fn give_up(&mut self, ctx: &mut Ctx<Timer>, index: usize) {

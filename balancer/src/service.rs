@@ -5,7 +5,7 @@
 use common::admin::{Request as AdminRequest, Response as AdminResponse};
 use common::framing::Frame;
 use common::metrics::LatencyHistogram;
-use common::protocol::{parse_request, write_tagged_get, write_text_request, Id, Op, Reply, Status};
+use common::protocol::{parse_request, write_tagged_get, write_text_request, Id, Key, KeyBuf, Op, Reply, Status};
 use common::server::{peer_index, peer_token, ClientId, Ctx, Service, Ticket};
 use common::upstream::Progress;
 use mio::event::Event;
@@ -67,7 +67,7 @@ impl Balancer {
         MetricsData::new(common, strategy, core.counters, core.requests.len(), latency, &core.backends)
     }
 
-    fn get(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, key: &str, id: Option<Id<'_>>) {
+    fn get(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, key: &Key<'_>, id: Option<Id<'_>>) {
         let core = &mut self.core;
         if core.waiting >= core.config.max_pending {
             core.counters.errors += 1;
@@ -77,15 +77,15 @@ impl Balancer {
         core.waiting += 1;
         let client_id = core.pooled(id.map_or("", |id| id.as_json()));
         let waiter = Waiter { ticket: ctx.defer(client, id.is_none()), client_id, received: ctx.now() };
-        let key_hash = core.collapser.hash(key);
+        let key_hash = core.collapser.hash(key.as_str());
         if let Some(leader) = core.collapser.leader(key_hash).and_then(|i| core.requests.get_mut(i)) {
-            if leader.key == key {
+            if leader.key == key.as_str() {
                 core.counters.collapsed += 1;
                 return leader.followers.push(waiter);
             }
         }
         core.counters.routed += 1;
-        let key = core.pooled(key);
+        let key = KeyBuf::copy_of(key, core.pooled(""));
         let index = core.requests.insert(Request::new(waiter, key, key_hash));
         core.collapser.lead(key_hash, index);
         self.dispatch(ctx, index);
@@ -141,7 +141,10 @@ impl Balancer {
         b.in_flight += 1;
         b.forwarded += 1;
         let Some(r) = core.requests.get(index) else { return Ok(()) };
-        let id = core.book.start(ctx.now(), Attempt { request: index, backend, conn, reused_at });
+        let id = core
+            .book
+            .start(ctx.now(), Attempt { request: index, backend, conn, reused_at })
+            .ok_or(Failure::CannotConnect)?;
         match self.links.queue(conn) {
             Some((out, ConnKind::Mux)) => write_tagged_get(out, &r.key, id),
             Some((out, ConnKind::Single)) => write_text_request(out, "GET", Some(&r.key)),
@@ -198,11 +201,13 @@ impl Balancer {
         }
         while let Some(link) = self.links.get_mut(conn) {
             let Frame::Line(line, used) = link.up.frame(MAX_ANSWER) else { break };
-            let answered = self.core.on_answer(ctx, conn, link.kind, line);
+            let answered = self.core.on_answer(ctx, (conn, link.backend, link.kind), line);
             link.up.consume(used);
             link.answered += 1;
-            if let Err(failure) = answered {
-                return self.lose(ctx, conn, failure);
+            match answered {
+                Ok(None) => {}
+                Ok(Some(garbled)) => self.fail(ctx, garbled, Failure::Garbage),
+                Err(failure) => return self.lose(ctx, conn, failure),
             }
         }
         let Some(link) = self.links.get(conn) else { return };
@@ -347,7 +352,7 @@ impl Service for Balancer {
         };
         let id = request.id;
         match request.op {
-            Op::Get(key) => self.get(ctx, client, key.as_str(), id),
+            Op::Get(key) => self.get(ctx, client, &key, id),
             Op::Purge(key) => self.purge(ctx, client, key.as_str(), id),
             Op::Metrics => {
                 let data = self.metrics(ctx);
