@@ -49,54 +49,91 @@ pub struct Attempt {
     pub reused_at: Option<u64>,
 }
 
-/// One entry of a connection's table.
-#[derive(Debug)]
-struct Slot {
-    generation: u32,
-    /// When it was sent, across the book: the order of a connection's attempts.
-    sent: u64,
-    attempt: Option<Attempt>,
-}
+/// How many ids back from the newest a connection's ring reaches. An attempt still waiting
+/// when it falls off the back (its proxy is slow on it, not on those sent after it) moves
+/// to the connection's stragglers, so the ring stays this short whatever the proxy does.
+const RING_SPAN: usize = 1024;
 
-/// What one connection owes: its table of attempts, the free slots, how many are live.
+/// What one connection owes: its attempts by id, the recent ones in a ring indexed by
+/// `id - base`, older ones still waiting in a map.
 #[derive(Debug, Default)]
 struct Owed {
-    slots: Vec<Slot>,
-    free: Vec<u32>,
+    /// The id of `ring[0]`; the next id is `base + ring.len()`.
+    base: u64,
+    ring: VecDeque<Option<Attempt>>,
+    stragglers: U64Map<Attempt>,
     live: usize,
 }
 
-/// An id on the wire: slot index in the low 32 bits, generation in the high 32.
-fn id_of(slot: u32, generation: u32) -> u64 {
-    u64::from(generation) << 32 | u64::from(slot)
-}
-
-fn split_id(id: u64) -> (usize, u32) {
-    ((id & 0xFFFF_FFFF) as usize, (id >> 32) as u32)
-}
-
 impl Owed {
-    fn slot(&mut self, id: u64) -> Option<&mut Slot> {
-        let (index, generation) = split_id(id);
-        self.slots.get_mut(index).filter(|s| s.generation == generation && s.attempt.is_some())
+    fn next_id(&self) -> u64 {
+        self.base.wrapping_add(self.ring.len() as u64)
+    }
+
+    fn push(&mut self, attempt: Attempt) -> u64 {
+        let id = self.next_id();
+        self.ring.push_back(Some(attempt));
+        self.live += 1;
+        if self.ring.len() > RING_SPAN {
+            if let Some(Some(old)) = self.ring.pop_front() {
+                self.stragglers.insert(self.base, old);
+            }
+            self.base = self.base.wrapping_add(1);
+        }
+        self.trim();
+        id
+    }
+
+    fn is_live(&self, id: u64) -> bool {
+        match id.checked_sub(self.base) {
+            Some(offset) => usize::try_from(offset).ok().and_then(|i| self.ring.get(i)).is_some_and(Option::is_some),
+            None => self.stragglers.contains_key(&id),
+        }
     }
 
     fn take(&mut self, id: u64) -> Option<Attempt> {
-        let slot = self.slot(id)?;
-        let attempt = slot.attempt.take();
-        slot.generation = slot.generation.wrapping_add(1);
-        self.free.push((id & 0xFFFF_FFFF) as u32);
+        let attempt = match id.checked_sub(self.base) {
+            Some(offset) => usize::try_from(offset).ok().and_then(|i| self.ring.get_mut(i))?.take(),
+            None => self.stragglers.remove(&id),
+        }?;
         self.live = self.live.saturating_sub(1);
-        attempt
+        self.trim();
+        Some(attempt)
+    }
+
+    /// Answers come back roughly in sending order: the answered ids at the front go.
+    fn trim(&mut self) {
+        while let Some(None) = self.ring.front() {
+            self.ring.pop_front();
+            self.base = self.base.wrapping_add(1);
+        }
+    }
+
+    /// The oldest waiting id.
+    fn oldest(&self) -> Option<u64> {
+        let in_ring = self.ring.iter().position(Option::is_some).map(|i| self.base.wrapping_add(i as u64));
+        self.stragglers.keys().copied().min().or(in_ring)
+    }
+
+    /// Everything still waiting, in sending order; the connection owes nothing after.
+    fn drain(&mut self) -> Vec<Attempt> {
+        let next = self.next_id();
+        let mut old: Vec<(u64, Attempt)> = self.stragglers.drain().collect();
+        old.sort_unstable_by_key(|(id, _)| *id);
+        let mut lost: Vec<Attempt> = old.into_iter().map(|(_, a)| a).collect();
+        lost.extend(self.ring.drain(..).flatten());
+        // Ids go on from where they were: none of this connection's is ever reused.
+        self.base = next;
+        self.live = 0;
+        lost
     }
 }
 
 #[derive(Debug)]
 pub struct AttemptBook {
     timeout: Duration,
-    sent: u64,
-    /// By connection index; a table outlives its connection (the generations go on), so ids
-    /// of a closed connection never name an attempt of the next one with its index.
+    /// By connection index. It outlives its connection, its ids going on from where they
+    /// were, so an id of a closed connection never names an attempt of the next one there.
     owed: Vec<Owed>,
     /// (deadline, conn, id) in sending order; entries of answered attempts are skipped.
     deadlines: VecDeque<(Instant, usize, u64)>,
@@ -105,32 +142,19 @@ pub struct AttemptBook {
 
 impl AttemptBook {
     pub fn new(timeout: Duration) -> Self {
-        AttemptBook { timeout, sent: 0, owed: Vec::new(), deadlines: VecDeque::new(), live: 0 }
+        AttemptBook { timeout, owed: Vec::new(), deadlines: VecDeque::new(), live: 0 }
     }
 
-    /// Records an attempt sent now; returns its id (what goes on the wire). `None` only when
-    /// a connection would hold more than 2^32 attempts at once.
-    pub fn start(&mut self, now: Instant, attempt: Attempt) -> Option<u64> {
+    /// Records an attempt sent now; returns its id (what goes on the wire).
+    pub fn start(&mut self, now: Instant, attempt: Attempt) -> u64 {
         if self.owed.len() <= attempt.conn {
             self.owed.resize_with(attempt.conn + 1, Owed::default);
         }
-        let owed = self.owed.get_mut(attempt.conn)?;
-        self.sent = self.sent.wrapping_add(1);
-        let index = match owed.free.pop() {
-            Some(index) => index,
-            None => {
-                let index = u32::try_from(owed.slots.len()).ok()?;
-                owed.slots.push(Slot { generation: 0, sent: 0, attempt: None });
-                index
-            }
-        };
-        let slot = owed.slots.get_mut(index as usize)?;
-        *slot = Slot { generation: slot.generation, sent: self.sent, attempt: Some(attempt) };
-        let id = id_of(index, slot.generation);
-        owed.live += 1;
+        let Some(owed) = self.owed.get_mut(attempt.conn) else { return 0 }; // resized above
+        let id = owed.push(attempt);
         self.live += 1;
         self.deadlines.push_back((now + self.timeout, attempt.conn, id));
-        Some(id)
+        id
     }
 
     /// An answer tagged `id` arrived on `conn`: the attempt, if one with that id was sent on
@@ -144,10 +168,7 @@ impl AttemptBook {
 
     /// An untagged answer arrived on single-request connection `conn`: its oldest attempt.
     pub fn answered_in_order(&mut self, conn: usize) -> Option<Attempt> {
-        let owed = self.owed.get(conn)?;
-        let (index, slot) =
-            owed.slots.iter().enumerate().filter(|(_, s)| s.attempt.is_some()).min_by_key(|(_, s)| s.sent)?;
-        let id = id_of(u32::try_from(index).ok()?, slot.generation);
+        let id = self.owed.get(conn)?.oldest()?;
         self.answered(conn, id)
     }
 
@@ -155,19 +176,10 @@ impl AttemptBook {
     /// the book.
     pub fn conn_lost(&mut self, conn: usize) -> Vec<Attempt> {
         let Some(owed) = self.owed.get_mut(conn) else { return Vec::new() };
-        let mut lost: Vec<(u64, Attempt)> = Vec::with_capacity(owed.live);
-        for (index, slot) in owed.slots.iter_mut().enumerate() {
-            if let Some(attempt) = slot.attempt.take() {
-                lost.push((slot.sent, attempt));
-                slot.generation = slot.generation.wrapping_add(1);
-                owed.free.extend(u32::try_from(index).ok());
-            }
-        }
-        owed.live = 0;
+        let lost = owed.drain();
         self.live = self.live.saturating_sub(lost.len());
-        lost.sort_unstable_by_key(|(sent, _)| *sent);
         self.trim_deadlines();
-        lost.into_iter().map(|(_, attempt)| attempt).collect()
+        lost
     }
 
     /// Attempts still waiting on `conn`.
@@ -202,7 +214,7 @@ impl AttemptBook {
     /// Drops the front deadlines of attempts no longer waiting.
     fn trim_deadlines(&mut self) {
         while let Some(&(_, conn, id)) = self.deadlines.front() {
-            if self.owed.get_mut(conn).and_then(|o| o.slot(id)).is_some() {
+            if self.owed.get(conn).is_some_and(|o| o.is_live(id)) {
                 return;
             }
             self.deadlines.pop_front();
@@ -219,7 +231,7 @@ mod tests {
     }
 
     fn start(book: &mut AttemptBook, at: Instant, a: Attempt) -> u64 {
-        book.start(at, a).unwrap()
+        book.start(at, a)
     }
 
     #[test]
@@ -229,31 +241,51 @@ mod tests {
         let a = start(&mut book, t0, attempt(1, 10));
         let b = start(&mut book, t0, attempt(2, 20));
         assert_eq!(a, b, "ids are per connection: both are the first of theirs");
+        let c = start(&mut book, t0, attempt(3, 20));
+        assert_eq!(book.answered(10, c), None, "another connection's id");
         assert_eq!(book.answered(30, a), None, "a connection that was sent nothing");
         assert_eq!(book.answered(10, 999), None, "an id never sent");
         assert_eq!(book.answered(10, a), Some(attempt(1, 10)));
         assert_eq!(book.answered(10, a), None, "answered twice");
-        assert_eq!((book.owed_by(10), book.owed_by(20)), (0, 1));
+        assert_eq!((book.owed_by(10), book.owed_by(20)), (0, 2));
         assert_eq!(book.answered(20, b).map(|x| x.request), Some(2));
+        assert_eq!(book.answered(20, c).map(|x| x.request), Some(3));
         assert!(book.is_empty());
     }
 
     #[test]
-    fn a_late_answer_never_reaches_the_attempt_that_reused_its_slot() {
+    fn a_late_answer_finds_nothing_and_ids_are_never_reused() {
         let t0 = Instant::now();
         let mut book = AttemptBook::new(Duration::from_millis(100));
         let old = start(&mut book, t0, attempt(1, 0));
         assert_eq!(book.next_expired(t0 + Duration::from_millis(100)).map(|a| a.request), Some(1));
         let new = start(&mut book, t0 + Duration::from_millis(100), attempt(2, 0));
-        assert_ne!(old, new);
+        assert!(new > old, "a proxy that answers in order can only forge ids already answered");
         assert_eq!(book.answered(0, old), None, "the timed-out attempt's answer, late");
         assert_eq!(book.answered(0, new).map(|a| a.request), Some(2));
         // Nor across a lost connection whose index a new one takes.
         let before_loss = start(&mut book, t0, attempt(3, 0));
         assert_eq!(book.conn_lost(0).len(), 1);
         let after_loss = start(&mut book, t0, attempt(4, 0));
+        assert!(after_loss > before_loss);
         assert_eq!(book.answered(0, before_loss), None);
         assert_eq!(book.answered(0, after_loss).map(|a| a.request), Some(4));
+    }
+
+    #[test]
+    fn an_attempt_stuck_behind_thousands_stays_answerable_and_the_ring_short() {
+        let t0 = Instant::now();
+        let mut book = AttemptBook::new(Duration::from_secs(3));
+        let stuck = start(&mut book, t0, attempt(0, 2));
+        for r in 1..5_000 {
+            let id = start(&mut book, t0, attempt(r, 2));
+            assert_eq!(book.answered(2, id).map(|a| a.request), Some(r));
+        }
+        assert!(book.owed[2].ring.len() <= RING_SPAN);
+        assert_eq!(book.owed_by(2), 1);
+        assert_eq!(book.answered_in_order(2).map(|a| a.request), Some(0));
+        assert_eq!(book.answered(2, stuck), None);
+        assert!(book.is_empty());
     }
 
     #[test]
@@ -295,14 +327,14 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_reused_so_the_table_stays_the_size_of_what_is_in_flight() {
+    fn answered_in_order_the_ring_stays_empty() {
         let t0 = Instant::now();
         let mut book = AttemptBook::new(Duration::from_secs(1));
         for r in 0..10_000 {
             let id = start(&mut book, t0, attempt(r, 3));
             assert_eq!(book.answered(3, id).map(|a| a.request), Some(r));
         }
-        assert_eq!(book.owed[3].slots.len(), 1);
+        assert!(book.owed[3].ring.is_empty());
         assert!(book.deadlines.is_empty());
     }
 }

@@ -78,6 +78,33 @@ mod tests {
             .prop_map(|(members, pad, tail)| format!("{pad}{{{}}}{tail}", members.join(",")).into_bytes())
     }
 
+    /// Lines in this project's own encoding (which the scanner reads on a shortcut), and
+    /// near-misses of it.
+    fn canonical_like() -> impl Strategy<Value = Vec<u8>> {
+        let status = prop::sample::select(vec!["OK", "NOT_FOUND", "", "ok", "O\\\"K", "é"]);
+        let data = prop::sample::select(vec!["1", "null", "{\"a\":[1,{}]}", "\"x\\\"\"", "[1,]", "01", "{", "\"\t\""]);
+        let opt = |values: Vec<&'static str>| prop::option::of(prop::sample::select(values));
+        (
+            status,
+            data,
+            opt(vec!["true", "false", "tru", "1"]),
+            opt(vec!["8001", "0", "01", "-1", ""]),
+            opt(vec!["true", "false"]),
+            opt(vec!["5", "0", "05", "18446744073709551616", "\"5\"", "1.0", ""]),
+            prop::sample::select(vec!["}", "} ", "}}", "", " }"]),
+        )
+            .prop_map(|(status, data, hit, node, stale, id, end)| {
+                let mut line = format!("{{\"status\":\"{status}\",\"data\":{data}");
+                for (key, value) in [("cache_hit", hit), ("node", node), ("stale", stale), ("id", id)] {
+                    if let Some(value) = value {
+                        line.push_str(&format!(",\"{key}\":{value}"));
+                    }
+                }
+                line.push_str(end);
+                line.into_bytes()
+            })
+    }
+
     /// Arbitrary JSON values (serialized by serde, so valid), wrapped as answers, with
     /// blanks and escapes.
     fn json_values() -> impl Strategy<Value = Vec<u8>> {
@@ -151,7 +178,13 @@ mod tests {
         /// which it refuses and serde lets through).
         #[test]
         fn the_answer_checker_agrees_with_serde(
-            line in prop_oneof![answer_like(), prop::collection::vec(any::<u8>(), 0..64), json_values(), token_soup()],
+            line in prop_oneof![
+                answer_like(),
+                prop::collection::vec(any::<u8>(), 0..64),
+                json_values(),
+                token_soup(),
+                canonical_like(),
+            ],
         ) {
             let fast = common::protocol::parse_answer(&line);
             let reference = common::protocol::parse_answer_with_serde(&line);
@@ -164,7 +197,7 @@ mod tests {
 
         #[test]
         fn any_bytes_relay_as_one_json_line_with_the_clients_id_or_fail(
-            line in prop_oneof![answer_like(), prop::collection::vec(any::<u8>(), 0..64)],
+            line in prop_oneof![answer_like(), prop::collection::vec(any::<u8>(), 0..64), canonical_like()],
             which in 0usize..6,
             multiplexed in any::<bool>(),
         ) {

@@ -141,10 +141,7 @@ impl Balancer {
         b.in_flight += 1;
         b.forwarded += 1;
         let Some(r) = core.requests.get(index) else { return Ok(()) };
-        let id = core
-            .book
-            .start(ctx.now(), Attempt { request: index, backend, conn, reused_at })
-            .ok_or(Failure::CannotConnect)?;
+        let id = core.book.start(ctx.now(), Attempt { request: index, backend, conn, reused_at });
         match self.links.queue(conn) {
             Some((out, ConnKind::Mux)) => write_tagged_get(out, &r.key, id),
             Some((out, ConnKind::Single)) => write_text_request(out, "GET", Some(&r.key)),

@@ -38,15 +38,16 @@ pub enum AnswerError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Answer<'a> {
     /// The raw JSON text of its `id`, if it had one (`null` counts as none).
-    pub id: Option<&'a str>,
+    id: Option<&'a [u8]>,
     /// The raw JSON text of `status` (a JSON string, quotes included).
-    pub status: &'a str,
+    status: &'a [u8],
     /// The raw JSON text of `data` (valid JSON).
     pub data: &'a [u8],
     head: &'a [u8],
     rest: &'a [u8],
-    /// Members other than `id`: whether an `id` added after `rest` needs a comma.
-    members: usize,
+    /// Whether there are members other than `id`: an `id` added after `rest` then needs a
+    /// comma.
+    has_members: bool,
 }
 
 impl<'a> Answer<'a> {
@@ -55,8 +56,13 @@ impl<'a> Answer<'a> {
         self.id.and_then(parse_tag)
     }
 
+    /// The raw JSON text of its `id`, if it had one (`null` counts as none).
+    pub fn id(&self) -> Option<&'a str> {
+        self.id.and_then(|id| std::str::from_utf8(id).ok())
+    }
+
     pub fn status_is(&self, status: Status) -> bool {
-        self.status.strip_prefix('"').and_then(|s| s.strip_suffix('"')) == Some(status.as_str())
+        self.status.strip_prefix(b"\"").and_then(|s| s.strip_suffix(b"\"")) == Some(status.as_str().as_bytes())
     }
 
     /// The object without its `id` member and without its closing brace, as two pieces.
@@ -69,7 +75,7 @@ impl<'a> Answer<'a> {
     pub fn write_with_id(&self, out: &mut Vec<u8>, id: Option<&str>) {
         out.extend_from_slice(self.head);
         out.extend_from_slice(self.rest);
-        write_answer_tail(out, self.members > 0, id);
+        write_answer_tail(out, self.has_members, id);
     }
 
     /// The body as one buffer, to share between several clients' answers (each then adds its
@@ -83,16 +89,19 @@ impl<'a> Answer<'a> {
 
     /// Whether the body holds members, for [`write_answer_tail`].
     pub fn has_members(&self) -> bool {
-        self.members > 0
+        self.has_members
     }
 }
 
 /// A plain non-negative decimal integer that fits a `u64`.
-fn parse_tag(text: &str) -> Option<u64> {
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+fn parse_tag(text: &[u8]) -> Option<u64> {
+    if text.is_empty() {
         return None;
     }
-    text.parse().ok()
+    text.iter().try_fold(0u64, |n, b| {
+        let digit = char::from(*b).to_digit(10)?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// Closes an answer body: `,"id":ID}` (or `"id":ID}` in an otherwise empty object), or just
@@ -113,12 +122,15 @@ pub fn trailing_tag(line: &[u8]) -> Option<u64> {
     let digits = body.iter().rev().take_while(|b| b.is_ascii_digit()).count();
     let (before, tag) = body.split_at(body.len().checked_sub(digits)?);
     before.trim_ascii_end().strip_suffix(b":")?.trim_ascii_end().strip_suffix(b"\"id\"")?;
-    parse_tag(std::str::from_utf8(tag).ok()?)
+    parse_tag(tag)
 }
 
 /// Reads one answer line from a peer (without its `\n`). Allocation-free unless a top-level
 /// member name has escapes or the value nests deeper than 1,024.
 pub fn parse_answer(line: &[u8]) -> Result<Answer<'_>, AnswerError> {
+    if let Some(answer) = scan::canonical(line) {
+        return Ok(answer);
+    }
     let members = scan::object(line).map_err(|scan::NotJson| AnswerError::NotJson)?;
     assemble(line, members)
 }
@@ -191,9 +203,8 @@ fn assemble(line: &[u8], m: Members) -> Result<Answer<'_>, AnswerError> {
         return Err(AnswerError::Duplicate);
     }
     let piece = |(from, to): (usize, usize)| line.get(from..to).ok_or(AnswerError::NotJson);
-    let text = |range| std::str::from_utf8(piece(range)?).map_err(|_| AnswerError::NotJson);
-    let status = m.status.ok_or(AnswerError::NoStatus).and_then(text)?;
-    if !status.starts_with('"') {
+    let status = m.status.ok_or(AnswerError::NoStatus).and_then(piece)?;
+    if !status.starts_with(b"\"") {
         return Err(AnswerError::NoStatus);
     }
     let data = piece(m.data.ok_or(AnswerError::NoData)?)?;
@@ -203,7 +214,7 @@ fn assemble(line: &[u8], m: Members) -> Result<Answer<'_>, AnswerError> {
     let (head, rest, members, id) = match m.id {
         None => (piece((0, close))?, piece((close, close))?, m.count, None),
         Some(((start, end), before)) => {
-            let id = text((start, end))?;
+            let id = piece((start, end))?;
             let (head, rest) = match before {
                 // `{…,v` + ` ,"next":…` (or nothing after the id).
                 Some(previous_end) => (piece((0, previous_end))?, piece((end, close))?),
@@ -214,15 +225,15 @@ fn assemble(line: &[u8], m: Members) -> Result<Answer<'_>, AnswerError> {
                 }
             };
             // `"id": null` is no id (SPEC 2), but it is cut out all the same.
-            (head, rest, m.count.saturating_sub(1), Some(id).filter(|id| *id != "null"))
+            (head, rest, m.count.saturating_sub(1), Some(id).filter(|id| *id != b"null"))
         }
     };
-    Ok(Answer { id, status, data, head, rest, members })
+    Ok(Answer { id, status, data, head, rest, has_members: members > 0 })
 }
 
 /// The one-pass checker.
 mod scan {
-    use super::{Members, Name};
+    use super::{Answer, Members, Name};
 
     /// The line is not one JSON object.
     pub struct NotJson;
@@ -264,6 +275,33 @@ mod scan {
         let backslash = zero(w ^ (ONES * 0x5c));
         let control = w.wrapping_sub(ONES * 0x20) & !w;
         (quote | backslash | control | w) & HIGHS
+    }
+
+    /// Where the run of plain string bytes (printable ASCII but `"` and `\\`) that starts at
+    /// `at` ends. Short strings (names, statuses, keys) are read a word at a time; a longer
+    /// run is found with `memchr` (SIMD) and checked in one vectorized pass.
+    fn plain_run(b: &[u8], mut at: usize) -> usize {
+        for _ in 0..2 {
+            let Some(word) = b.get(at..).and_then(|rest| rest.first_chunk::<8>()) else {
+                while b.get(at).is_some_and(|c| CLASS[usize::from(*c)] == PLAIN) {
+                    at += 1;
+                }
+                return at;
+            };
+            let special = specials(u64::from_le_bytes(*word));
+            if special != 0 {
+                return at + (special.trailing_zeros() / 8) as usize;
+            }
+            at += 8;
+        }
+        let rest = b.get(at..).unwrap_or_default();
+        let end = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+        let run = rest.get(..end).unwrap_or_default();
+        let (low, high) = run.iter().fold((u8::MAX, 0), |(low, high), c| (low.min(*c), high.max(*c)));
+        if low >= 0x20 && high < 0x80 {
+            return at + end;
+        }
+        at + run.iter().position(|c| CLASS[usize::from(*c)] != PLAIN).unwrap_or(end)
     }
 
     /// Containers open around the cursor, one bit each (set: object): 1,024 levels inline,
@@ -343,15 +381,7 @@ mod scan {
             let mut at = self.at;
             let mut escaped = false;
             loop {
-                // Eight plain bytes at a time; stop on the first that is not.
-                while let Some(chunk) = b.get(at..at + 8).and_then(|c| <[u8; 8]>::try_from(c).ok()) {
-                    let special = specials(u64::from_le_bytes(chunk));
-                    if special != 0 {
-                        at += (special.trailing_zeros() / 8) as usize;
-                        break;
-                    }
-                    at += 8;
-                }
+                at = plain_run(b, at);
                 let byte = *b.get(at).ok_or(NotJson)?;
                 match CLASS[usize::from(byte)] {
                     PLAIN => at += 1,
@@ -509,6 +539,72 @@ mod scan {
         }
     }
 
+    /// This project's own encoding (`Reply::encode`), read without the general scan:
+    /// `{"status":"S","data":D` then any of `,"cache_hit":B`, `,"node":N`, `,"stale":true`
+    /// and `,"id":N`, in that order, then `}`. Only `data` needs the full check. `None`: not
+    /// in that shape (the general scan then decides).
+    pub fn canonical(line: &[u8]) -> Option<Answer<'_>> {
+        let after = line.strip_prefix(b"{\"status\":\"")?;
+        let status_len = after.iter().position(|b| !(b.is_ascii_uppercase() || *b == b'_'))?;
+        let data_start = STATUS_AT + status_len + DATA_KEY.len();
+        if line.get(STATUS_AT + status_len..data_start)? != DATA_KEY {
+            return None;
+        }
+        let mut c = Cursor { b: line, at: data_start };
+        c.value(&mut Nesting::new()).ok()?;
+        let data_end = c.at;
+        let mut tail = line.get(data_end..)?;
+        for (key, value) in [(&b",\"cache_hit\":"[..], Literal::Bool), (b",\"node\":", Literal::Digits), (b",\"stale\":", Literal::True)] {
+            if let Some(rest) = tail.strip_prefix(key) {
+                tail = value.skip(rest)?;
+            }
+        }
+        let body_end = line.len() - tail.len();
+        let id = match tail.strip_prefix(b",\"id\":") {
+            // Our tags are plain integers; any other id takes the general scan.
+            Some(id) => Some(id.strip_suffix(b"}").filter(|id| Literal::Digits.skip(id) == Some(b""))?),
+            None if tail == b"}" => None,
+            None => return None,
+        };
+        Some(Answer {
+            id,
+            status: line.get(STATUS_AT - 1..STATUS_AT + status_len + 1)?,
+            data: line.get(data_start..data_end)?,
+            head: line.get(..body_end)?,
+            rest: b"",
+            has_members: true,
+        })
+    }
+
+    /// Where the status text starts in the canonical encoding, and what follows it.
+    const STATUS_AT: usize = 11;
+    const DATA_KEY: &[u8] = b"\",\"data\":";
+
+    #[derive(Clone, Copy)]
+    enum Literal {
+        Bool,
+        True,
+        Digits,
+    }
+
+    impl Literal {
+        /// What follows the literal at the start of `rest`.
+        fn skip(self, rest: &[u8]) -> Option<&[u8]> {
+            match self {
+                Literal::Bool => rest.strip_prefix(b"true").or_else(|| rest.strip_prefix(b"false")),
+                Literal::True => rest.strip_prefix(b"true"),
+                Literal::Digits => {
+                    let n = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+                    // A JSON number has no leading zero.
+                    if n == 0 || (n > 1 && rest.first() == Some(&b'0')) {
+                        return None;
+                    }
+                    rest.get(n..)
+                }
+            }
+        }
+    }
+
     /// Checks `line` is one JSON object (blanks around it allowed) and records its members.
     pub fn object(line: &[u8]) -> Step<Members> {
         let mut c = Cursor { b: line, at: 0 };
@@ -628,7 +724,7 @@ mod tests {
         reply.encode(&mut out);
         assert!(out.ends_with(b",\"id\":77}\n"), "{}", String::from_utf8_lossy(&out));
         let answer = parse_answer(&out[..out.len() - 1]).unwrap();
-        assert_eq!((answer.tag(), answer.id), (Some(77), Some("77")));
+        assert_eq!((answer.tag(), answer.id()), (Some(77), Some("77")));
         assert_eq!(answer.rest, b"");
         assert_eq!(trailing_tag(&out[..out.len() - 1]), Some(77));
     }
@@ -648,7 +744,7 @@ mod tests {
             (r#"{"st\u0061tus":"OK","data":[],"\u0069d":4}"#, Some("4"), r#"{"st\u0061tus":"OK","data":[],"id":"c"}"#),
         ];
         for (line, id, expected) in table {
-            assert_eq!(parse_answer(line.as_bytes()).unwrap().id, id, "{line}");
+            assert_eq!(parse_answer(line.as_bytes()).unwrap().id(), id, "{line}");
             let out = relayed(line, Some("\"c\""));
             assert_eq!(out, format!("{expected}\n"), "{line}");
             let value: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -681,6 +777,12 @@ mod tests {
             (b"{\"status\":\"OK\",\"data\":[1,]}", AnswerError::NotJson),
             (b"{\"status\":\"OK\",\"data\":{\"a\":1]}", AnswerError::NotJson),
             (b"{\"status\":\"OK\",\"data\":[[[]]}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":1,\"id\":05}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":1,\"node\":01,\"id\":5}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":1,\"cache_hit\":tru,\"id\":5}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":1,\"id\":5}}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":1,\"id\":5,\"id\":6}", AnswerError::Duplicate),
+            (b"{\"status\":\"OK\",\"data\":1,\"data\":2,\"id\":5}", AnswerError::Duplicate),
         ];
         for (line, error) in table {
             assert_eq!(parse_answer(line).err(), Some(*error), "{}", String::from_utf8_lossy(line));
