@@ -554,7 +554,11 @@ mod scan {
         c.value(&mut Nesting::new()).ok()?;
         let data_end = c.at;
         let mut tail = line.get(data_end..)?;
-        for (key, value) in [(&b",\"cache_hit\":"[..], Literal::Bool), (b",\"node\":", Literal::Digits), (b",\"stale\":", Literal::True)] {
+        for (key, value) in [
+            (&b",\"cache_hit\":"[..], Literal::Bool),
+            (b",\"node\":", Literal::Digits),
+            (b",\"stale\":", Literal::True),
+        ] {
             if let Some(rest) = tail.strip_prefix(key) {
                 tail = value.skip(rest)?;
             }
