@@ -60,14 +60,14 @@ struct Purged {
 pub fn interpret(purpose: Purpose, line: &[u8]) -> Option<Heard> {
     let answer = parse_answer(line).ok()?;
     let ok = answer.status_is(Status::Ok);
-    let data = answer.data.filter(|_| ok);
+    let data = ok.then_some(answer.data);
     Some(match purpose {
         Purpose::Probe => Heard::Probe {
-            multiplexed: data.and_then(|d| serde_json::from_str::<Role>(d).ok()).is_some_and(|r| r.role.is_some()),
+            multiplexed: data.and_then(|d| serde_json::from_slice::<Role>(d).ok()).is_some_and(|r| r.role.is_some()),
         },
-        Purpose::Poll => Heard::Poll(data.and_then(|d| serde_json::from_str::<Box<RawValue>>(d).ok())),
+        Purpose::Poll => Heard::Poll(data.and_then(|d| serde_json::from_slice::<Box<RawValue>>(d).ok())),
         Purpose::Purge(_) => {
-            Heard::Purge { held: data.and_then(|d| serde_json::from_str::<Purged>(d).ok()).is_some_and(|p| p.purged) }
+            Heard::Purge { held: data.and_then(|d| serde_json::from_slice::<Purged>(d).ok()).is_some_and(|p| p.purged) }
         }
     })
 }

@@ -5,13 +5,13 @@
 
 use common::framing::SharedBytes;
 use common::metrics::LatencyHistogram;
-use common::protocol::{encode_ok_value, write_answer_tail, Id, Reply, Status};
+use common::protocol::{encode_ok_value, write_answer_tail, Id, KeyBuf, Reply, Status};
 use common::server::{Ctx, Ticket};
 use common::window::Windows;
 use log::{info, warn};
 use slab::Slab;
 
-use crate::attempts::AttemptBook;
+use crate::attempts::{Attempt, AttemptBook};
 use crate::backend::Backend;
 use crate::collapse::Collapser;
 use crate::failure::Failure;
@@ -19,7 +19,7 @@ use crate::health::Transition;
 use crate::metrics::Counters;
 use crate::pool::ConnKind;
 use crate::purge::{Job, Outcome, Purges};
-use crate::relay::read_answer;
+use crate::relay::{read_answer, Line};
 use crate::request::{Request, Waiter};
 use crate::service::Timer;
 use crate::strategy::{Candidate, Router};
@@ -30,7 +30,7 @@ const MAX_SPARE_STRINGS: usize = 4096;
 /// A GET that waits for its client's forwarding window (SPEC 3.8) before it is routed.
 pub struct Parked {
     pub waiter: Waiter<Ticket>,
-    pub key: String,
+    pub key: KeyBuf,
 }
 
 pub struct InFlight {
@@ -102,7 +102,7 @@ impl InFlight {
     pub fn forget(&mut self, index: usize, r: Request<Ticket>, bytes: usize) {
         self.collapser.finished(r.key_hash, index);
         self.waiting = self.waiting.saturating_sub(1 + r.followers.len());
-        self.recycle(r.key);
+        self.recycle(r.key.into_string());
         self.windows.answered(r.leader.ticket.client(), bytes);
         self.recycle(r.leader.client_id);
         for w in r.followers {
@@ -115,27 +115,39 @@ impl InFlight {
     pub fn drop_parked(&mut self, ctx: &mut Ctx<Timer>, parked: Parked) {
         self.waiting = self.waiting.saturating_sub(1);
         ctx.complete(parked.waiter.ticket, |_| {});
-        self.recycle(parked.key);
+        self.recycle(parked.key.into_string());
         self.recycle(parked.waiter.client_id);
     }
 
     /// One answer line on connection `conn`: delivered to the attempt it answers, dropped if
-    /// it answers none sent on this connection, an error if it is no answer at all.
+    /// it answers none sent on this connection. Garbage fails only the attempt it names
+    /// (returned, to be retried); garbage on a multiplexed connection that names none counts
+    /// against the proxy, and its attempt meets its deadline. `Err`: the connection is broken
+    /// (an answer on a single-request connection that owes none, or garbage on one).
     /// `shared` is the same line as bytes shared with the connection's input buffer, when it
     /// is long enough to be relayed from there instead of copied.
     pub fn on_answer(
         &mut self,
         ctx: &mut Ctx<Timer>,
-        conn: usize,
-        kind: ConnKind,
+        (conn, backend, kind): (usize, usize, ConnKind),
         line: &[u8],
         shared: Option<SharedBytes>,
-    ) -> Result<(), Failure> {
-        let (tag, answer) = read_answer(line, kind == ConnKind::Mux)?;
+    ) -> Result<Option<Attempt>, Failure> {
+        let (tag, answer) = match read_answer(line, kind == ConnKind::Mux) {
+            Line::Answer(tag, answer) => (tag, answer),
+            Line::Garbage(_) if kind == ConnKind::Single => return Err(Failure::Garbage),
+            Line::Garbage(tag) => match tag.and_then(|tag| self.book.answered(conn, tag)) {
+                Some(attempt) => return Ok(Some(attempt)),
+                None => {
+                    self.note_failure(backend, Failure::Garbage);
+                    return Ok(None);
+                }
+            },
+        };
         let attempt = match tag {
             Some(tag) => match self.book.answered(conn, tag) {
                 Some(attempt) => attempt,
-                None => return Ok(()), // unknown, late or foreign: dropped
+                None => return Ok(None), // unknown, late or foreign: dropped
             },
             None => self.book.answered_in_order(conn).ok_or(Failure::Garbage)?,
         };
@@ -145,7 +157,7 @@ impl InFlight {
             // An answer clears passive failures; only probes bring a down proxy back.
             b.health.record_success();
         }
-        let Some(r) = self.requests.try_remove(attempt.request) else { return Ok(()) };
+        let Some(r) = self.requests.try_remove(attempt.request) else { return Ok(None) };
         // A long answer goes out from the buffer it was read into: only the tail with the
         // client's id is written anew (the proxy puts its id last, so nothing follows it).
         let (head, rest) = answer.body();
@@ -171,7 +183,7 @@ impl InFlight {
             self.latency_us.record(w.received.elapsed());
         }
         self.forget(attempt.request, r, line.len());
-        Ok(())
+        Ok(None)
     }
 
     pub fn give_up(&mut self, ctx: &mut Ctx<Timer>, index: usize) {

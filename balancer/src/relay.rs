@@ -1,23 +1,36 @@
 //! Reading a proxy's answer for the client it belongs to (SPEC 2.3, 3.6): the proxy's own
 //! `id` (our tag) is cut out and the client's put in its place, byte for byte as the client
 //! wrote it; every other byte is passed through unchanged. Anything that is not one
-//! well-formed answer is a [`Failure::Garbage`] — the attempt is retried — so a client only
-//! ever receives one valid JSON object per line.
+//! well-formed answer (valid JSON, a string `status`, a `data`) is garbage: the attempt it
+//! was for fails and is retried — and only that attempt, when its tag can still be read — so
+//! a client only ever receives one valid JSON object per line.
 
-use common::protocol::{parse_answer, Answer};
+use common::protocol::{parse_answer, trailing_tag, Answer};
 
-use crate::failure::Failure;
+/// What one line from a proxy connection is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line<'a> {
+    /// A well-formed answer, with the tag it carried (on a multiplexed connection, where one
+    /// is required; `None` on a single-request one, whose answers come in order).
+    Answer(Option<u64>, Answer<'a>),
+    /// Not a well-formed answer. On a multiplexed connection, the tag of the attempt it
+    /// answered when that can still be read; on a single-request one always `None`.
+    Garbage(Option<u64>),
+}
 
-/// A checked answer from a proxy connection, and the tag it carried (on a multiplexed
-/// connection, where one is required).
-pub fn read_answer(line: &[u8], multiplexed: bool) -> Result<(Option<u64>, Answer<'_>), Failure> {
-    let answer = parse_answer(line).map_err(|_| Failure::Garbage)?;
+/// Reads one answer line from a proxy connection.
+pub fn read_answer(line: &[u8], multiplexed: bool) -> Line<'_> {
+    let Ok(answer) = parse_answer(line) else {
+        return Line::Garbage(if multiplexed { trailing_tag(line) } else { None });
+    };
     if !multiplexed {
         // A text-form request has no id; whatever id a simple proxy wrote is cut out.
-        return Ok((None, answer));
+        return Line::Answer(None, answer);
     }
-    let tag = answer.tag().ok_or(Failure::Garbage)?;
-    Ok((Some(tag), answer))
+    match answer.tag() {
+        Some(tag) => Line::Answer(Some(tag), answer),
+        None => Line::Garbage(None),
+    }
 }
 
 #[cfg(test)]
@@ -30,14 +43,14 @@ mod tests {
     const CLIENT_IDS: [&str; 5] = ["123456789012345678901234567890", "1.10", "\"a\\\"b\\u00e9\\n\"", "-0", "7"];
 
     fn check(line: &[u8], multiplexed: bool, client_id: Option<&str>) {
-        let Ok((_, answer)) = read_answer(line, multiplexed) else { return };
+        let Line::Answer(_, answer) = read_answer(line, multiplexed) else { return };
         let mut out = Vec::new();
         answer.write_with_id(&mut out, client_id);
         assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1, "one line");
         assert_eq!(out.last(), Some(&b'\n'));
         let text = std::str::from_utf8(&out).expect("UTF-8");
         let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
-        assert!(value.is_object() && value["status"].is_string(), "{text}");
+        assert!(value.is_object() && value["status"].is_string() && value.get("data").is_some(), "{text}");
         match client_id {
             Some(id) => assert!(text.ends_with(&format!("\"id\":{id}}}\n")), "{text}"),
             None => assert!(value.get("id").is_none(), "{text}"),
@@ -63,6 +76,33 @@ mod tests {
         ];
         (prop::collection::vec(member, 0..6), "[ ]{0,2}", "[ x}]{0,2}")
             .prop_map(|(members, pad, tail)| format!("{pad}{{{}}}{tail}", members.join(",")).into_bytes())
+    }
+
+    /// Lines in this project's own encoding (which the scanner reads on a shortcut), and
+    /// near-misses of it.
+    fn canonical_like() -> impl Strategy<Value = Vec<u8>> {
+        let status = prop::sample::select(vec!["OK", "NOT_FOUND", "", "ok", "O\\\"K", "é"]);
+        let data = prop::sample::select(vec!["1", "null", "{\"a\":[1,{}]}", "\"x\\\"\"", "[1,]", "01", "{", "\"\t\""]);
+        let opt = |values: Vec<&'static str>| prop::option::of(prop::sample::select(values));
+        (
+            status,
+            data,
+            opt(vec!["true", "false", "tru", "1"]),
+            opt(vec!["8001", "0", "01", "-1", ""]),
+            opt(vec!["true", "false"]),
+            opt(vec!["5", "0", "05", "18446744073709551616", "\"5\"", "1.0", ""]),
+            prop::sample::select(vec!["}", "} ", "}}", "", " }"]),
+        )
+            .prop_map(|(status, data, hit, node, stale, id, end)| {
+                let mut line = format!("{{\"status\":\"{status}\",\"data\":{data}");
+                for (key, value) in [("cache_hit", hit), ("node", node), ("stale", stale), ("id", id)] {
+                    if let Some(value) = value {
+                        line.push_str(&format!(",\"{key}\":{value}"));
+                    }
+                }
+                line.push_str(end);
+                line.into_bytes()
+            })
     }
 
     /// Arbitrary JSON values (serialized by serde, so valid), wrapped as answers, with
@@ -138,7 +178,13 @@ mod tests {
         /// which it refuses and serde lets through).
         #[test]
         fn the_answer_checker_agrees_with_serde(
-            line in prop_oneof![answer_like(), prop::collection::vec(any::<u8>(), 0..64), json_values(), token_soup()],
+            line in prop_oneof![
+                answer_like(),
+                prop::collection::vec(any::<u8>(), 0..64),
+                json_values(),
+                token_soup(),
+                canonical_like(),
+            ],
         ) {
             let fast = common::protocol::parse_answer(&line);
             let reference = common::protocol::parse_answer_with_serde(&line);
@@ -151,7 +197,7 @@ mod tests {
 
         #[test]
         fn any_bytes_relay_as_one_json_line_with_the_clients_id_or_fail(
-            line in prop_oneof![answer_like(), prop::collection::vec(any::<u8>(), 0..64)],
+            line in prop_oneof![answer_like(), prop::collection::vec(any::<u8>(), 0..64), canonical_like()],
             which in 0usize..6,
             multiplexed in any::<bool>(),
         ) {
@@ -161,10 +207,17 @@ mod tests {
 
     #[test]
     fn a_multiplexed_answer_needs_our_tag() {
-        assert_eq!(read_answer(br#"{"status":"OK","data":1}"#, true).err(), Some(Failure::Garbage));
-        assert_eq!(read_answer(br#"{"status":"OK","id":"x"}"#, true).err(), Some(Failure::Garbage));
-        assert_eq!(read_answer(br#"{"status":"OK","id":5}"#, true).map(|(t, _)| t), Ok(Some(5)));
-        assert_eq!(read_answer(br#"{"status":"OK","id":5}"#, false).map(|(t, _)| t), Ok(None));
-        assert_eq!(read_answer(b"garbage,\"id\":5}", true).err(), Some(Failure::Garbage));
+        let tag = |line: &[u8], mux| match read_answer(line, mux) {
+            Line::Answer(tag, _) => Ok(tag),
+            Line::Garbage(tag) => Err(tag),
+        };
+        assert_eq!(tag(br#"{"status":"OK","data":1}"#, true), Err(None));
+        assert_eq!(tag(br#"{"status":"OK","data":1,"id":"x"}"#, true), Err(None));
+        assert_eq!(tag(br#"{"status":"OK","data":1,"id":5}"#, true), Ok(Some(5)));
+        assert_eq!(tag(br#"{"status":"OK","data":1,"id":5}"#, false), Ok(None));
+        // Not well-formed, but still naming the attempt it was for: that one alone fails.
+        assert_eq!(tag(b"garbage,\"id\":5}", true), Err(Some(5)));
+        assert_eq!(tag(br#"{"status":"OK","id":6}"#, true), Err(Some(6)));
+        assert_eq!(tag(br#"{"status":"OK","id":6}"#, false), Err(None));
     }
 }

@@ -4,6 +4,8 @@
 
 use std::time::Instant;
 
+use common::protocol::KeyBuf;
+
 use crate::failure::Failure;
 
 /// A client waiting for an answer, with its id as raw JSON (empty when it had none: a JSON
@@ -25,7 +27,7 @@ impl<T> Waiter<T> {
 #[derive(Debug)]
 pub struct Request<T> {
     pub leader: Waiter<T>,
-    pub key: String,
+    pub key: KeyBuf,
     pub key_hash: u64,
     /// GETs for the same key that joined this one: they get its answer.
     pub followers: Vec<Waiter<T>>,
@@ -45,7 +47,7 @@ pub enum Next {
 }
 
 impl<T> Request<T> {
-    pub fn new(leader: Waiter<T>, key: String, key_hash: u64) -> Self {
+    pub fn new(leader: Waiter<T>, key: KeyBuf, key_hash: u64) -> Self {
         Request { leader, key, key_hash, followers: Vec::new(), tried: 0, attempts: 0, last_failure: None }
     }
 
@@ -89,7 +91,12 @@ mod tests {
     use super::*;
 
     fn request() -> Request<()> {
-        Request::new(Waiter { ticket: (), client_id: String::new(), received: Instant::now() }, "k".into(), 1)
+        let key = common::protocol::Key::parse("k".into()).unwrap();
+        Request::new(
+            Waiter { ticket: (), client_id: String::new(), received: Instant::now() },
+            KeyBuf::copy_of(&key, String::new()),
+            1,
+        )
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use common::admin::{Request as AdminRequest, Response as AdminResponse};
 use common::framing::Frame;
 use common::metrics::LatencyHistogram;
-use common::protocol::{parse_request, write_tagged_get, write_text_request, Id, Op, Reply, Status};
+use common::protocol::{parse_request, write_tagged_get, write_text_request, Id, Key, KeyBuf, Op, Reply, Status};
 use common::server::{peer_index, peer_token, ClientId, Ctx, Service, Ticket};
 use common::upstream::Progress;
 use mio::event::Event;
@@ -90,7 +90,7 @@ impl Balancer {
         data
     }
 
-    fn get(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, key: &str, id: Option<Id<'_>>) {
+    fn get(&mut self, ctx: &mut Ctx<Timer>, client: ClientId, key: &Key<'_>, id: Option<Id<'_>>) {
         let core = &mut self.core;
         if core.waiting >= core.config.max_pending {
             core.counters.errors += 1;
@@ -102,28 +102,29 @@ impl Balancer {
         let waiter = Waiter { ticket: ctx.defer(client, id.is_none()), client_id, received: ctx.now() };
         if !core.windows.try_forward(client, ctx.has_room(client)) {
             // Its client's answers so far fill its output bound: it waits (SPEC 3.8).
-            let key = core.pooled(key);
+            let key = KeyBuf::copy_of(key, core.pooled(""));
             core.windows.park(client, Parked { waiter, key });
             if !ctx.has_room(client) {
                 ctx.notify_room(client);
             }
             return;
         }
+        let key = KeyBuf::copy_of(key, core.pooled(""));
         self.route(ctx, waiter, key);
     }
 
     /// Collapses GET `waiter` onto one in flight for `key`, or routes it.
-    fn route(&mut self, ctx: &mut Ctx<Timer>, waiter: Waiter<Ticket>, key: &str) {
+    fn route(&mut self, ctx: &mut Ctx<Timer>, waiter: Waiter<Ticket>, key: KeyBuf) {
         let core = &mut self.core;
-        let key_hash = core.collapser.hash(key);
+        let key_hash = core.collapser.hash(key.as_str());
         if let Some(leader) = core.collapser.leader(key_hash).and_then(|i| core.requests.get_mut(i)) {
-            if leader.key == key {
+            if leader.key == key.as_str() {
                 core.counters.collapsed += 1;
-                return leader.followers.push(waiter);
+                leader.followers.push(waiter);
+                return core.recycle(key.into_string());
             }
         }
         core.counters.routed += 1;
-        let key = core.pooled(key);
         let index = core.requests.insert(Request::new(waiter, key, key_hash));
         core.collapser.lead(key_hash, index);
         self.dispatch(ctx, index);
@@ -138,8 +139,7 @@ impl Balancer {
             return;
         }
         while let Some(Parked { waiter, key }) = self.core.windows.unpark(client, ctx.has_room(client)) {
-            self.route(ctx, waiter, &key);
-            self.core.recycle(key);
+            self.route(ctx, waiter, key);
         }
         if self.core.windows.has_parked(client) && !ctx.has_room(client) {
             ctx.notify_room(client);
@@ -253,11 +253,13 @@ impl Balancer {
         while let Some(link) = self.links.get_mut(conn) {
             let Frame::Line(line, used) = link.up.frame(MAX_ANSWER) else { break };
             let shared = link.up.share(line);
-            let answered = self.core.on_answer(ctx, conn, link.kind, line, shared);
+            let answered = self.core.on_answer(ctx, (conn, link.backend, link.kind), line, shared);
             link.up.consume(used);
             link.answered += 1;
-            if let Err(failure) = answered {
-                return self.lose(ctx, conn, failure);
+            match answered {
+                Ok(None) => {}
+                Ok(Some(garbled)) => self.fail(ctx, garbled, Failure::Garbage),
+                Err(failure) => return self.lose(ctx, conn, failure),
             }
         }
         let Some(link) = self.links.get(conn) else { return };
@@ -361,7 +363,7 @@ impl Service for Balancer {
         };
         let id = request.id;
         match request.op {
-            Op::Get(key) => self.get(ctx, client, key.as_str(), id),
+            Op::Get(key) => self.get(ctx, client, &key, id),
             Op::Purge(key) => self.purge(ctx, client, key.as_str(), id),
             Op::Metrics => {
                 let data = self.metrics(ctx);

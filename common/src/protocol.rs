@@ -111,6 +111,48 @@ impl<'a> Key<'a> {
     }
 }
 
+/// An owned copy of a validated key, kept while its request is under way and written on
+/// without being checked again. Built from a spare `String`, so keeping one need not allocate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyBuf(String);
+
+impl KeyBuf {
+    /// `key`, in `buf`'s allocation (whatever `buf` held is dropped).
+    pub fn copy_of(key: &Key<'_>, mut buf: String) -> KeyBuf {
+        buf.clear();
+        buf.push_str(key.as_str());
+        KeyBuf(buf)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Its allocation back, for reuse.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl std::ops::Deref for KeyBuf {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for KeyBuf {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for KeyBuf {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 impl fmt::Display for Key<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -438,516 +480,17 @@ pub fn write_fmt(out: &mut Vec<u8>, args: fmt::Arguments<'_>) {
 
 /// Writes a JSON-form GET tagged with the sender's own numeric `id` (SPEC 2.1: what the
 /// balancer multiplexes toward a proxy that answered its HEALTH probe with a role).
-pub fn write_tagged_get(out: &mut Vec<u8>, key: &str, id: u64) {
-    out.extend_from_slice(b"{\"op\":\"get\",\"key\":");
-    if key.bytes().all(|b| is_unreserved(b) || b == b'/') {
-        // A valid key (SPEC 2.2) has nothing to escape.
-        out.push(b'"');
-        out.extend_from_slice(key.as_bytes());
-        out.push(b'"');
-    } else {
-        write_json_string(out, key);
-    }
-    out.extend_from_slice(b",\"id\":");
+pub fn write_tagged_get(out: &mut Vec<u8>, key: &KeyBuf, id: u64) {
+    // A valid key (SPEC 2.2) has nothing to escape, and a KeyBuf holds only valid keys.
+    out.extend_from_slice(b"{\"op\":\"get\",\"key\":\"");
+    out.extend_from_slice(key.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"id\":");
     out.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
     out.extend_from_slice(b"}\n");
 }
 
-/// Why a peer's answer line is not a well-formed answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AnswerError {
-    /// Not one JSON object (or nested too deep to check).
-    NotJson,
-    /// No `status` member, or one that is not a string.
-    NoStatus,
-    /// A member (`id`, `status`) more than once: which one counts is ambiguous.
-    Duplicate,
-}
-
-/// A peer's answer line, checked to be one JSON object with a string `status` and at most one
-/// `id`, and cut so that it can be passed on without its `id` (and with another) by copying
-/// bytes: the object without its `id` member is `head` + `rest` + `}`. Nothing is re-encoded,
-/// so every other member (numbers like `1.10`, strings with escapes) stays byte for byte.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Answer<'a> {
-    /// The raw JSON text of its `id`, if it had one.
-    pub id: Option<&'a str>,
-    /// The raw JSON text of `status` (a JSON string, quotes included).
-    pub status: &'a str,
-    /// The raw JSON text of `data`, if present.
-    pub data: Option<&'a str>,
-    head: &'a [u8],
-    rest: &'a [u8],
-    /// Members other than `id`: whether an `id` added after `rest` needs a comma.
-    members: usize,
-}
-
-impl<'a> Answer<'a> {
-    /// The peer's id as one of our own tags (a plain non-negative integer), if it is one.
-    pub fn tag(&self) -> Option<u64> {
-        self.id.filter(|id| id.bytes().all(|b| b.is_ascii_digit())).and_then(|id| id.parse().ok())
-    }
-
-    pub fn status_is(&self, status: Status) -> bool {
-        self.status.strip_prefix('"').and_then(|s| s.strip_suffix('"')) == Some(status.as_str())
-    }
-
-    /// The object without its `id` member and without its closing brace, as two pieces.
-    pub fn body(&self) -> (&'a [u8], &'a [u8]) {
-        (self.head, self.rest)
-    }
-
-    /// Writes the answer line with `id` (raw JSON, as the client wrote it) in place of the
-    /// peer's, and its `\n`.
-    pub fn write_with_id(&self, out: &mut Vec<u8>, id: Option<&str>) {
-        out.extend_from_slice(self.head);
-        out.extend_from_slice(self.rest);
-        write_answer_tail(out, self.members > 0, id);
-    }
-
-    /// The body as one buffer, to share between several clients' answers (each then adds its
-    /// own tail with [`write_answer_tail`]).
-    pub fn shared_body(&self) -> crate::framing::SharedBytes {
-        let mut body = Vec::with_capacity(self.head.len() + self.rest.len());
-        body.extend_from_slice(self.head);
-        body.extend_from_slice(self.rest);
-        body.into()
-    }
-
-    /// Whether the body holds members, for [`write_answer_tail`].
-    pub fn has_members(&self) -> bool {
-        self.members > 0
-    }
-}
-
-/// Closes an answer body: `,"id":ID}` (or `"id":ID}` in an otherwise empty object), or just
-/// `}`, then `\n`. The id goes last, where this project's answers always carry it.
-pub fn write_answer_tail(out: &mut Vec<u8>, has_members: bool, id: Option<&str>) {
-    if let Some(id) = id {
-        out.extend_from_slice(if has_members { b",\"id\":" } else { b"\"id\":" });
-        out.extend_from_slice(id.as_bytes());
-    }
-    out.extend_from_slice(b"}\n");
-}
-
-/// Reads one answer line from a peer (without its `\n`). Allocation-free unless a member
-/// name has escapes.
-pub fn parse_answer(line: &[u8]) -> Result<Answer<'_>, AnswerError> {
-    parse_answer_by(line, true)
-}
-
-/// [`parse_answer`] through serde only: the reference its own checker is tested against.
-#[doc(hidden)]
-pub fn parse_answer_with_serde(line: &[u8]) -> Result<Answer<'_>, AnswerError> {
-    parse_answer_by(line, false)
-}
-
-fn parse_answer_by(line: &[u8], fast: bool) -> Result<Answer<'_>, AnswerError> {
-    // One UTF-8 check of the whole line; the scans then work on a `str`.
-    let text = std::str::from_utf8(line).map_err(|_| AnswerError::NotJson)?;
-    let scan = match answer_scan::scan(text) {
-        _ if !fast => serde_scan(text)?,
-        Ok(scan) => scan,
-        Err(answer_scan::Unsure::Invalid) => return Err(AnswerError::NotJson),
-        // A member name with escapes (serde decodes it), or blanks that are control bytes.
-        Err(answer_scan::Unsure::Unusual) => serde_scan(text)?,
-    };
-    if scan.duplicate {
-        return Err(AnswerError::Duplicate);
-    }
-    let status = scan.status.filter(|s| s.starts_with('"')).ok_or(AnswerError::NoStatus)?;
-    // Validated JSON: the first non-blank byte is `{`, the last `}`.
-    let open = line.iter().position(|b| *b == b'{').ok_or(AnswerError::NotJson)?;
-    let close = line.iter().rposition(|b| *b == b'}').ok_or(AnswerError::NotJson)?;
-    let piece = |from: usize, to: usize| line.get(from..to).ok_or(AnswerError::NotJson);
-    let (head, rest, members, id) = match scan.id {
-        None => (piece(0, close)?, piece(close, close)?, scan.members, None),
-        Some(IdMember { value: (start, end), before }) => {
-            let id = std::str::from_utf8(piece(start, end)?).map_err(|_| AnswerError::NotJson)?;
-            let members = scan.members.saturating_sub(1);
-            let (head, rest) = match before {
-                // `{…,v` + ` ,"next":…` (or nothing after the id).
-                Some(previous_end) => (piece(0, previous_end)?, piece(end, close)?),
-                // The id came first: `{` + what followed it, without its comma.
-                None => {
-                    let rest = piece(end, close)?.trim_ascii_start();
-                    (piece(0, open + 1)?, rest.strip_prefix(b",").unwrap_or(rest))
-                }
-            };
-            // `"id": null` is no id (SPEC 2), but it is cut out all the same.
-            (head, rest, members, Some(id).filter(|id| *id != "null"))
-        }
-    };
-    Ok(Answer { id, status, data: scan.data, head, rest, members })
-}
-
-#[derive(Clone, Copy)]
-struct IdMember {
-    /// Byte range of the id's value.
-    value: (usize, usize),
-    /// End of the value of the member before the id, if any.
-    before: Option<usize>,
-}
-
-/// The general (slower) scan, through serde.
-fn serde_scan(text: &str) -> Result<ScanResult<'_>, AnswerError> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    let scan = serde::Deserializer::deserialize_map(&mut de, AnswerScan { base: text.as_ptr() as usize })
-        .map_err(|_| AnswerError::NotJson)?;
-    de.end().map_err(|_| AnswerError::NotJson)?;
-    Ok(scan)
-}
-
-impl<'a> ScanResult<'a> {
-    /// Counts one top-level member whose value is `text[start..end]`.
-    fn member(&mut self, name: MemberName, text: &'a str, (start, end): (usize, usize), previous_end: Option<usize>) {
-        self.members += 1;
-        let raw = text.get(start..end).unwrap_or("");
-        match name {
-            MemberName::Id if self.id.is_some() => self.duplicate = true,
-            MemberName::Id => self.id = Some(IdMember { value: (start, end), before: previous_end }),
-            MemberName::Status if self.status.is_some() => self.duplicate = true,
-            MemberName::Status => self.status = Some(raw),
-            MemberName::Data if self.data.is_some() => self.duplicate = true,
-            MemberName::Data => self.data = Some(raw),
-            MemberName::Other => {}
-        }
-    }
-}
-
-/// A JSON checker for answer lines, a few times cheaper than serde's (it is on the hit path:
-/// every answer a client gets from a proxy goes through it). It checks the grammar of RFC
-/// 8259 over text already known to be UTF-8, nesting at most [`answer_scan::MAX_DEPTH`] deep,
-/// and records the top-level members. Lone surrogate escapes are refused (a client could not
-/// decode them). A member name with escapes, or a control byte anywhere, is left to serde.
-/// The balancer's relay tests check it against serde (`parse_answer_with_serde`).
-mod answer_scan {
-    use super::{MemberName, ScanResult};
-
-    pub const MAX_DEPTH: usize = 128;
-
-    #[derive(Debug, PartialEq, Eq)]
-    pub enum Unsure {
-        Invalid,
-        /// A member name with escapes, or a tab or CR somewhere: for serde to decide.
-        Unusual,
-    }
-
-    struct Cursor<'a> {
-        bytes: &'a [u8],
-        at: usize,
-    }
-
-    type Step = Result<(), Unsure>;
-
-    impl Cursor<'_> {
-        fn peek(&self) -> Option<u8> {
-            self.bytes.get(self.at).copied()
-        }
-
-        fn blank(&mut self) {
-            while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-                self.at += 1;
-            }
-        }
-
-        fn eat(&mut self, b: u8) -> Step {
-            if self.peek() == Some(b) {
-                self.at += 1;
-                Ok(())
-            } else {
-                Err(Unsure::Invalid)
-            }
-        }
-
-        /// A string, the cursor on its opening quote; returns whether it had escapes.
-        fn string(&mut self) -> Result<bool, Unsure> {
-            self.eat(b'"')?;
-            let mut escaped = false;
-            loop {
-                // No control bytes anywhere in the line (checked once in `scan`): only a quote
-                // or a backslash ends a run of plain characters.
-                let rest = self.bytes.get(self.at..).unwrap_or_default();
-                let run = memchr::memchr2(b'"', b'\\', rest).ok_or(Unsure::Invalid)?;
-                self.at += run;
-                match self.peek().ok_or(Unsure::Invalid)? {
-                    b'"' => {
-                        self.at += 1;
-                        return Ok(escaped);
-                    }
-                    _ => {
-                        escaped = true;
-                        self.at += 1;
-                        self.escape()?;
-                    }
-                }
-            }
-        }
-
-        fn escape(&mut self) -> Step {
-            match self.peek().ok_or(Unsure::Invalid)? {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
-                    self.at += 1;
-                    Ok(())
-                }
-                b'u' => {
-                    self.at += 1;
-                    let unit = self.hex4()?;
-                    if (0xDC00..0xE000).contains(&unit) {
-                        return Err(Unsure::Invalid); // a lone trailing surrogate
-                    }
-                    if (0xD800..0xDC00).contains(&unit) {
-                        self.eat(b'\\')?;
-                        self.eat(b'u')?;
-                        if !(0xDC00..0xE000).contains(&self.hex4()?) {
-                            return Err(Unsure::Invalid);
-                        }
-                    }
-                    Ok(())
-                }
-                _ => Err(Unsure::Invalid),
-            }
-        }
-
-        fn hex4(&mut self) -> Result<u32, Unsure> {
-            let digits = self.bytes.get(self.at..self.at + 4).ok_or(Unsure::Invalid)?;
-            let text = std::str::from_utf8(digits).map_err(|_| Unsure::Invalid)?;
-            if !digits.iter().all(u8::is_ascii_hexdigit) {
-                return Err(Unsure::Invalid);
-            }
-            self.at += 4;
-            u32::from_str_radix(text, 16).map_err(|_| Unsure::Invalid)
-        }
-
-        fn digits(&mut self) -> Step {
-            let start = self.at;
-            while self.peek().is_some_and(|b| b.is_ascii_digit()) {
-                self.at += 1;
-            }
-            if self.at == start {
-                Err(Unsure::Invalid)
-            } else {
-                Ok(())
-            }
-        }
-
-        fn number(&mut self) -> Step {
-            if self.peek() == Some(b'-') {
-                self.at += 1;
-            }
-            match self.peek() {
-                Some(b'0') => self.at += 1,
-                Some(b'1'..=b'9') => self.digits()?,
-                _ => return Err(Unsure::Invalid),
-            }
-            if self.peek() == Some(b'.') {
-                self.at += 1;
-                self.digits()?;
-            }
-            if matches!(self.peek(), Some(b'e' | b'E')) {
-                self.at += 1;
-                if matches!(self.peek(), Some(b'+' | b'-')) {
-                    self.at += 1;
-                }
-                self.digits()?;
-            }
-            Ok(())
-        }
-
-        fn literal(&mut self, word: &[u8]) -> Step {
-            if self.bytes.get(self.at..self.at + word.len()) == Some(word) {
-                self.at += word.len();
-                Ok(())
-            } else {
-                Err(Unsure::Invalid)
-            }
-        }
-
-        /// Any value, the cursor on its first byte.
-        fn value(&mut self, depth: usize) -> Step {
-            match self.peek().ok_or(Unsure::Invalid)? {
-                b'"' => self.string().map(|_| ()),
-                b'{' | b'[' if depth >= MAX_DEPTH => Err(Unsure::Invalid),
-                b'{' => {
-                    self.at += 1;
-                    self.blank();
-                    if self.peek() == Some(b'}') {
-                        self.at += 1;
-                        return Ok(());
-                    }
-                    loop {
-                        self.string()?;
-                        self.blank();
-                        self.eat(b':')?;
-                        self.blank();
-                        self.value(depth + 1)?;
-                        self.blank();
-                        match self.peek() {
-                            Some(b',') => self.at += 1,
-                            Some(b'}') => {
-                                self.at += 1;
-                                return Ok(());
-                            }
-                            _ => return Err(Unsure::Invalid),
-                        }
-                        self.blank();
-                    }
-                }
-                b'[' => {
-                    self.at += 1;
-                    self.blank();
-                    if self.peek() == Some(b']') {
-                        self.at += 1;
-                        return Ok(());
-                    }
-                    loop {
-                        self.value(depth + 1)?;
-                        self.blank();
-                        match self.peek() {
-                            Some(b',') => self.at += 1,
-                            Some(b']') => {
-                                self.at += 1;
-                                return Ok(());
-                            }
-                            _ => return Err(Unsure::Invalid),
-                        }
-                        self.blank();
-                    }
-                }
-                b't' => self.literal(b"true"),
-                b'f' => self.literal(b"false"),
-                b'n' => self.literal(b"null"),
-                _ => self.number(),
-            }
-        }
-    }
-
-    /// Checks `text` is one JSON object (blanks around it allowed) and records its members.
-    pub fn scan(text: &str) -> Result<ScanResult<'_>, Unsure> {
-        // Control bytes are legal only as blanks (tab, CR) outside strings; this project's
-        // answers have none, so their rare presence is left to serde and strings need no
-        // per-byte check. (A fold without early exit: it vectorizes.)
-        if text.bytes().fold(false, |any, b| any | (b < 0x20)) {
-            return Err(Unsure::Unusual);
-        }
-        let mut c = Cursor { bytes: text.as_bytes(), at: 0 };
-        let mut result = ScanResult::default();
-        c.blank();
-        c.eat(b'{')?;
-        c.blank();
-        if c.peek() == Some(b'}') {
-            c.at += 1;
-        } else {
-            let mut previous_end = None;
-            loop {
-                let name_start = c.at + 1;
-                let escaped = c.string()?;
-                let name = match text.get(name_start..c.at.saturating_sub(1)) {
-                    _ if escaped => return Err(Unsure::Unusual),
-                    Some("id") => MemberName::Id,
-                    Some("status") => MemberName::Status,
-                    Some("data") => MemberName::Data,
-                    _ => MemberName::Other,
-                };
-                c.blank();
-                c.eat(b':')?;
-                c.blank();
-                let start = c.at;
-                c.value(1)?;
-                result.member(name, text, (start, c.at), previous_end);
-                previous_end = Some(c.at);
-                c.blank();
-                match c.peek() {
-                    Some(b',') => c.at += 1,
-                    Some(b'}') => {
-                        c.at += 1;
-                        break;
-                    }
-                    _ => return Err(Unsure::Invalid),
-                }
-                c.blank();
-            }
-        }
-        c.blank();
-        if c.at == c.bytes.len() {
-            Ok(result)
-        } else {
-            Err(Unsure::Invalid)
-        }
-    }
-}
-
-#[derive(Default)]
-struct ScanResult<'a> {
-    members: usize,
-    duplicate: bool,
-    id: Option<IdMember>,
-    status: Option<&'a str>,
-    data: Option<&'a str>,
-}
-
-struct AnswerScan {
-    base: usize,
-}
-
-enum MemberName {
-    Id,
-    Status,
-    Data,
-    Other,
-}
-
-impl<'de> Deserialize<'de> for MemberName {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Name;
-        impl serde::de::Visitor<'_> for Name {
-            type Value = MemberName;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a member name")
-            }
-            fn visit_str<E>(self, name: &str) -> Result<MemberName, E> {
-                Ok(match name {
-                    "id" => MemberName::Id,
-                    "status" => MemberName::Status,
-                    "data" => MemberName::Data,
-                    _ => MemberName::Other,
-                })
-            }
-        }
-        d.deserialize_str(Name)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for AnswerScan {
-    type Value = ScanResult<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an answer object")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ScanResult<'de>, A::Error> {
-        let mut scan = ScanResult::default();
-        let mut previous_end = None;
-        while let Some(name) = map.next_key::<MemberName>()? {
-            let value: &'de RawValue = map.next_value()?;
-            let raw = value.get();
-            let start = (raw.as_ptr() as usize).saturating_sub(self.base);
-            let end = start.saturating_add(raw.len());
-            scan.members += 1;
-            match name {
-                MemberName::Id if scan.id.is_some() => scan.duplicate = true,
-                MemberName::Id => scan.id = Some(IdMember { value: (start, end), before: previous_end }),
-                MemberName::Status if scan.status.is_some() => scan.duplicate = true,
-                MemberName::Status => scan.status = Some(raw),
-                MemberName::Data if scan.data.is_some() => scan.duplicate = true,
-                MemberName::Data => scan.data = Some(raw),
-                MemberName::Other => {}
-            }
-            previous_end = Some(end);
-        }
-        Ok(scan)
-    }
-}
+mod answer;
+pub use answer::{parse_answer, parse_answer_with_serde, trailing_tag, write_answer_tail, Answer, AnswerError};
 
 #[cfg(test)]
 mod tests {
@@ -1155,109 +698,5 @@ mod tests {
             assert_eq!(Status::parse(status.as_str()), Some(status));
         }
         assert_eq!(Status::parse("ok"), None);
-    }
-}
-
-#[cfg(test)]
-mod answer_tests {
-    use super::*;
-
-    fn relayed(line: &str, id: Option<&str>) -> String {
-        let answer = parse_answer(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e:?}"));
-        let mut out = Vec::new();
-        answer.write_with_id(&mut out, id);
-        String::from_utf8(out).unwrap()
-    }
-
-    #[test]
-    fn the_id_is_the_last_member_of_an_encoded_answer() {
-        // The balancer's relay relies on nothing but parse_answer, but this project's answers
-        // put the id last, which keeps the relay to two copies.
-        let mut out = Vec::new();
-        let mut reply = Reply::ok(br#"{"id":1}"#).id(Id::from_raw_json("77"));
-        reply.cache_hit = Some(false);
-        reply.node = Some(9);
-        reply.stale = true;
-        reply.encode(&mut out);
-        assert!(out.ends_with(b",\"id\":77}\n"), "{}", String::from_utf8_lossy(&out));
-        let answer = parse_answer(&out[..out.len() - 1]).unwrap();
-        assert_eq!((answer.tag(), answer.id), (Some(77), Some("77")));
-        assert_eq!(answer.rest, b"");
-    }
-
-    #[test]
-    fn the_id_is_replaced_wherever_the_peer_put_it() {
-        let table = [
-            (r#"{"status":"OK","data":1,"id":5}"#, Some("5"), r#"{"status":"OK","data":1,"id":"c"}"#),
-            (r#"{"id":5,"status":"OK","data":1.10}"#, Some("5"), r#"{"status":"OK","data":1.10,"id":"c"}"#),
-            (
-                r#" { "status" : "OK" , "id" : 5 , "data" : "a\"b" } "#,
-                Some("5"),
-                r#" { "status" : "OK" , "data" : "a\"b" ,"id":"c"}"#,
-            ),
-            (r#"{"status":"OK","data":{"id":9}}"#, None, r#"{"status":"OK","data":{"id":9},"id":"c"}"#),
-            (r#"{"status":"OK","id":null}"#, None, r#"{"status":"OK","id":"c"}"#),
-        ];
-        for (line, id, expected) in table {
-            assert_eq!(parse_answer(line.as_bytes()).unwrap().id, id, "{line}");
-            let out = relayed(line, Some("\"c\""));
-            assert_eq!(out, format!("{expected}\n"), "{line}");
-            let value: serde_json::Value = serde_json::from_str(&out).unwrap();
-            assert_eq!(value["id"], "c");
-        }
-        let big = "123456789012345678901234567890";
-        assert!(relayed(r#"{"id":1,"status":"OK","data":null}"#, Some(big)).ends_with(&format!(",\"id\":{big}}}\n")));
-        assert_eq!(relayed(r#"{"id":1,"status":"OK"}"#, None), "{\"status\":\"OK\"}\n");
-    }
-
-    #[test]
-    fn what_is_not_a_well_formed_answer() {
-        let table: &[(&[u8], AnswerError)] = &[
-            (b"garbage,\"id\":5}", AnswerError::NotJson),
-            (b"", AnswerError::NotJson),
-            (b"[1]", AnswerError::NotJson),
-            (b"{\"status\":\"OK\"} x", AnswerError::NotJson),
-            (b"{\"status\":\"OK\",\"id\":1,\"id\":2}", AnswerError::Duplicate),
-            (b"{\"status\":\"OK\",\"status\":\"OK\"}", AnswerError::Duplicate),
-            (b"{\"data\":1}", AnswerError::NoStatus),
-            (b"{\"status\":7}", AnswerError::NoStatus),
-            (b"{\"status\":\"OK\",\"data\":\xff}", AnswerError::NotJson),
-        ];
-        for (line, error) in table {
-            assert_eq!(parse_answer(line).err(), Some(*error), "{}", String::from_utf8_lossy(line));
-        }
-    }
-
-    #[test]
-    fn tags_are_plain_integers() {
-        for (line, tag) in [
-            (r#"{"status":"OK","id":12}"#, Some(12)),
-            (r#"{"status":"OK","id":-1}"#, None),
-            (r#"{"status":"OK","id":1.0}"#, None),
-            (r#"{"status":"OK","id":"12"}"#, None),
-            (r#"{"status":"OK","id":99999999999999999999}"#, None),
-        ] {
-            assert_eq!(parse_answer(line.as_bytes()).unwrap().tag(), tag, "{line}");
-        }
-    }
-
-    #[test]
-    fn tagged_gets_are_json_requests_with_the_id_last() {
-        let mut out = Vec::new();
-        write_tagged_get(&mut out, "a/b", 42);
-        assert_eq!(out, b"{\"op\":\"get\",\"key\":\"a/b\",\"id\":42}\n");
-        let request = parse_request(&out[..out.len() - 1]).unwrap();
-        assert_eq!(request.id.map(|id| id.as_json()), Some("42"));
-    }
-
-    #[test]
-    fn a_shared_body_takes_each_clients_tail() {
-        let answer = parse_answer(br#"{"status":"OK","data":[1],"id":3}"#).unwrap();
-        let body = answer.shared_body();
-        let mut out = body.to_vec();
-        write_answer_tail(&mut out, answer.has_members(), Some("\"x\""));
-        assert_eq!(out, b"{\"status\":\"OK\",\"data\":[1],\"id\":\"x\"}\n");
-        assert!(answer.status_is(Status::Ok));
-        assert_eq!(answer.data, Some("[1]"));
     }
 }

@@ -1,0 +1,867 @@
+//! Reading a peer's answer line (what the balancer gets from a proxy, SPEC 2.3): checked to be
+//! one JSON object with a string `status` and a `data`, and cut so that it can be passed on
+//! with another `id` by copying bytes.
+//!
+//! This is on the hit path (every answer a client gets through the balancer goes through it),
+//! so the check is one pass over the bytes: the grammar of RFC 8259 with UTF-8 checked inside
+//! strings (the only place a byte ≥ 0x80 may appear), plain runs of strings skipped eight
+//! bytes at a time, and nesting tracked on a bit stack rather than by recursion, so that any
+//! depth passes that the line length (`--max-line`, the balancer's answer limit) allows. Lone
+//! surrogate escapes are refused (a client could not decode them). The serde reference below
+//! (`parse_answer_with_serde`) is what the balancer's relay tests check it against.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::Status;
+
+/// Why a peer's answer line is not a well-formed answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnswerError {
+    /// Not one JSON object (or not UTF-8).
+    NotJson,
+    /// No `status` member, or one that is not a string.
+    NoStatus,
+    /// No `data` member: SPEC 2.3 says every answer has both.
+    NoData,
+    /// A member (`id`, `status`, `data`) more than once: which one counts is ambiguous.
+    Duplicate,
+}
+
+/// A peer's answer line, checked to be one JSON object with a string `status`, a `data` and
+/// at most one `id`, and cut so that it can be passed on without its `id` (and with another)
+/// by copying bytes: the object without its `id` member is `head` + `rest` + `}`. Nothing is
+/// re-encoded, so every other member (numbers like `1.10`, strings with escapes) stays byte
+/// for byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer<'a> {
+    /// The raw JSON text of its `id`, if it had one (`null` counts as none).
+    id: Option<&'a [u8]>,
+    /// The raw JSON text of `status` (a JSON string, quotes included).
+    status: &'a [u8],
+    /// The raw JSON text of `data` (valid JSON).
+    pub data: &'a [u8],
+    head: &'a [u8],
+    rest: &'a [u8],
+    /// Whether there are members other than `id`: an `id` added after `rest` then needs a
+    /// comma.
+    has_members: bool,
+}
+
+impl<'a> Answer<'a> {
+    /// The peer's id as one of our own tags (a plain non-negative integer), if it is one.
+    pub fn tag(&self) -> Option<u64> {
+        self.id.and_then(parse_tag)
+    }
+
+    /// The raw JSON text of its `id`, if it had one (`null` counts as none).
+    pub fn id(&self) -> Option<&'a str> {
+        self.id.and_then(|id| std::str::from_utf8(id).ok())
+    }
+
+    pub fn status_is(&self, status: Status) -> bool {
+        self.status.strip_prefix(b"\"").and_then(|s| s.strip_suffix(b"\"")) == Some(status.as_str().as_bytes())
+    }
+
+    /// The object without its `id` member and without its closing brace, as two pieces.
+    pub fn body(&self) -> (&'a [u8], &'a [u8]) {
+        (self.head, self.rest)
+    }
+
+    /// Writes the answer line with `id` (raw JSON, as the client wrote it) in place of the
+    /// peer's, and its `\n`.
+    pub fn write_with_id(&self, out: &mut Vec<u8>, id: Option<&str>) {
+        out.extend_from_slice(self.head);
+        out.extend_from_slice(self.rest);
+        write_answer_tail(out, self.has_members, id);
+    }
+
+    /// The body as one buffer, to share between several clients' answers (each then adds its
+    /// own tail with [`write_answer_tail`]).
+    pub fn shared_body(&self) -> crate::framing::SharedBytes {
+        let mut body = Vec::with_capacity(self.head.len() + self.rest.len());
+        body.extend_from_slice(self.head);
+        body.extend_from_slice(self.rest);
+        body.into()
+    }
+
+    /// Whether the body holds members, for [`write_answer_tail`].
+    pub fn has_members(&self) -> bool {
+        self.has_members
+    }
+}
+
+/// A plain non-negative decimal integer that fits a `u64`.
+fn parse_tag(text: &[u8]) -> Option<u64> {
+    if text.is_empty() {
+        return None;
+    }
+    text.iter().try_fold(0u64, |n, b| {
+        let digit = char::from(*b).to_digit(10)?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
+/// Closes an answer body: `,"id":ID}` (or `"id":ID}` in an otherwise empty object), or just
+/// `}`, then `\n`. The id goes last, where this project's answers always carry it.
+pub fn write_answer_tail(out: &mut Vec<u8>, has_members: bool, id: Option<&str>) {
+    if let Some(id) = id {
+        out.extend_from_slice(if has_members { b",\"id\":" } else { b"\"id\":" });
+        out.extend_from_slice(id.as_bytes());
+    }
+    out.extend_from_slice(b"}\n");
+}
+
+/// The tag of a line that is not a well-formed answer, when it still reads as one of ours at
+/// its end (`…,"id":123}`, where this project's answers put it): the attempt it was for can
+/// then fail alone instead of waiting for its deadline.
+pub fn trailing_tag(line: &[u8]) -> Option<u64> {
+    let body = line.trim_ascii_end().strip_suffix(b"}")?.trim_ascii_end();
+    let digits = body.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    let (before, tag) = body.split_at(body.len().checked_sub(digits)?);
+    before.trim_ascii_end().strip_suffix(b":")?.trim_ascii_end().strip_suffix(b"\"id\"")?;
+    parse_tag(tag)
+}
+
+/// Reads one answer line from a peer (without its `\n`). Allocation-free unless a top-level
+/// member name has escapes or the value nests deeper than 1,024.
+pub fn parse_answer(line: &[u8]) -> Result<Answer<'_>, AnswerError> {
+    if let Some(answer) = scan::canonical(line) {
+        return Ok(answer);
+    }
+    let members = scan::object(line).map_err(|scan::NotJson| AnswerError::NotJson)?;
+    assemble(line, members)
+}
+
+/// [`parse_answer`] through serde only: the reference its own checker is tested against.
+#[doc(hidden)]
+pub fn parse_answer_with_serde(line: &[u8]) -> Result<Answer<'_>, AnswerError> {
+    let text = std::str::from_utf8(line).map_err(|_| AnswerError::NotJson)?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let members = serde::Deserializer::deserialize_map(&mut de, SerdeScan { base: text.as_ptr() as usize })
+        .map_err(|_| AnswerError::NotJson)?;
+    de.end().map_err(|_| AnswerError::NotJson)?;
+    assemble(line, members)
+}
+
+/// The top-level members of a checked object, as byte ranges of the line.
+#[derive(Default)]
+struct Members {
+    count: usize,
+    duplicate: bool,
+    /// The id's value, and the end of the value of the member before it (if any).
+    id: Option<((usize, usize), Option<usize>)>,
+    status: Option<(usize, usize)>,
+    data: Option<(usize, usize)>,
+}
+
+#[derive(Clone, Copy)]
+enum Name {
+    Id,
+    Status,
+    Data,
+    Other,
+}
+
+impl Name {
+    fn of(name: &[u8]) -> Name {
+        match name {
+            b"id" => Name::Id,
+            b"status" => Name::Status,
+            b"data" => Name::Data,
+            _ => Name::Other,
+        }
+    }
+}
+
+impl Members {
+    /// Counts one member whose value is `line[value.0..value.1]`.
+    fn add(&mut self, name: Name, value: (usize, usize), previous_end: Option<usize>) {
+        self.count += 1;
+        let slot = match name {
+            Name::Id if self.id.is_none() => return self.id = Some((value, previous_end)),
+            Name::Id => {
+                self.duplicate = true;
+                return;
+            }
+            Name::Status => &mut self.status,
+            Name::Data => &mut self.data,
+            Name::Other => return,
+        };
+        if slot.is_some() {
+            self.duplicate = true;
+        }
+        *slot = Some(value);
+    }
+}
+
+/// Builds the answer from a valid object's members: judges them (SPEC 2.3), then cuts.
+fn assemble(line: &[u8], m: Members) -> Result<Answer<'_>, AnswerError> {
+    if m.duplicate {
+        return Err(AnswerError::Duplicate);
+    }
+    let piece = |(from, to): (usize, usize)| line.get(from..to).ok_or(AnswerError::NotJson);
+    let status = m.status.ok_or(AnswerError::NoStatus).and_then(piece)?;
+    if !status.starts_with(b"\"") {
+        return Err(AnswerError::NoStatus);
+    }
+    let data = piece(m.data.ok_or(AnswerError::NoData)?)?;
+    // A valid object: the first non-blank byte is `{`, the last `}`.
+    let open = line.iter().position(|b| *b == b'{').ok_or(AnswerError::NotJson)?;
+    let close = line.iter().rposition(|b| *b == b'}').ok_or(AnswerError::NotJson)?;
+    let (head, rest, members, id) = match m.id {
+        None => (piece((0, close))?, piece((close, close))?, m.count, None),
+        Some(((start, end), before)) => {
+            let id = piece((start, end))?;
+            let (head, rest) = match before {
+                // `{…,v` + ` ,"next":…` (or nothing after the id).
+                Some(previous_end) => (piece((0, previous_end))?, piece((end, close))?),
+                // The id came first: `{` + what followed it, without its comma.
+                None => {
+                    let rest = piece((end, close))?.trim_ascii_start();
+                    (piece((0, open + 1))?, rest.strip_prefix(b",").unwrap_or(rest))
+                }
+            };
+            // `"id": null` is no id (SPEC 2), but it is cut out all the same.
+            (head, rest, m.count.saturating_sub(1), Some(id).filter(|id| *id != b"null"))
+        }
+    };
+    Ok(Answer { id, status, data, head, rest, has_members: members > 0 })
+}
+
+/// The one-pass checker.
+mod scan {
+    use super::{Answer, Members, Name};
+
+    /// The line is not one JSON object.
+    pub struct NotJson;
+
+    type Step<T = ()> = Result<T, NotJson>;
+
+    /// Byte classes inside a string.
+    const PLAIN: u8 = 0;
+    const QUOTE: u8 = 1;
+    const BACKSLASH: u8 = 2;
+    const CONTROL: u8 = 3;
+    const HIGH: u8 = 4;
+
+    static CLASS: [u8; 256] = {
+        let mut class = [PLAIN; 256];
+        let mut b = 0;
+        while b < 256 {
+            class[b] = match b {
+                0..=0x1f => CONTROL,
+                0x22 => QUOTE,
+                0x5c => BACKSLASH,
+                0x80..=0xff => HIGH,
+                _ => PLAIN,
+            };
+            b += 1;
+        }
+        class
+    };
+
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+    /// The top bit of each byte of `w` (little-endian) that is not a plain string byte: a
+    /// quote, a backslash, a control or a non-ASCII byte. Borrows can set bits above a true
+    /// one, never below: the lowest set bit is always exact.
+    fn specials(w: u64) -> u64 {
+        let zero = |v: u64| v.wrapping_sub(ONES) & !v;
+        let quote = zero(w ^ (ONES * 0x22));
+        let backslash = zero(w ^ (ONES * 0x5c));
+        let control = w.wrapping_sub(ONES * 0x20) & !w;
+        (quote | backslash | control | w) & HIGHS
+    }
+
+    /// Where the run of plain string bytes (printable ASCII but `"` and `\\`) that starts at
+    /// `at` ends. Short strings (names, statuses, keys) are read a word at a time; a longer
+    /// run is found with `memchr` (SIMD) and checked in one vectorized pass.
+    fn plain_run(b: &[u8], mut at: usize) -> usize {
+        for _ in 0..2 {
+            let Some(word) = b.get(at..).and_then(|rest| rest.first_chunk::<8>()) else {
+                while b.get(at).is_some_and(|c| CLASS[usize::from(*c)] == PLAIN) {
+                    at += 1;
+                }
+                return at;
+            };
+            let special = specials(u64::from_le_bytes(*word));
+            if special != 0 {
+                return at + (special.trailing_zeros() / 8) as usize;
+            }
+            at += 8;
+        }
+        let rest = b.get(at..).unwrap_or_default();
+        let end = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+        let run = rest.get(..end).unwrap_or_default();
+        let (low, high) = run.iter().fold((u8::MAX, 0), |(low, high), c| (low.min(*c), high.max(*c)));
+        if low >= 0x20 && high < 0x80 {
+            return at + end;
+        }
+        at + run.iter().position(|c| CLASS[usize::from(*c)] != PLAIN).unwrap_or(end)
+    }
+
+    /// Containers open around the cursor, one bit each (set: object): 1,024 levels inline,
+    /// deeper ones on the heap, so depth is bounded only by the line.
+    struct Nesting {
+        depth: usize,
+        inline: [u64; 16],
+        deeper: Vec<u64>,
+    }
+
+    const INLINE_BITS: usize = 16 * 64;
+
+    impl Nesting {
+        fn new() -> Self {
+            Nesting { depth: 0, inline: [0; 16], deeper: Vec::new() }
+        }
+
+        fn push(&mut self, object: bool) {
+            let (word, bit) = (self.depth / 64, self.depth % 64);
+            let words = match self.inline.get_mut(word) {
+                Some(w) => w,
+                None => {
+                    let at = word - self.inline.len();
+                    if self.deeper.len() <= at {
+                        self.deeper.push(0);
+                    }
+                    match self.deeper.get_mut(at) {
+                        Some(w) => w,
+                        None => return, // unreachable: pushed just above
+                    }
+                }
+            };
+            *words = (*words & !(1 << bit)) | (u64::from(object) << bit);
+            self.depth += 1;
+        }
+
+        /// Whether the innermost open container is an object; `None` at the top.
+        fn top(&self) -> Option<bool> {
+            let at = self.depth.checked_sub(1)?;
+            let word = if at < INLINE_BITS { self.inline.get(at / 64) } else { self.deeper.get(at / 64 - 16) };
+            word.map(|w| w >> (at % 64) & 1 == 1)
+        }
+
+        fn pop(&mut self) {
+            self.depth = self.depth.saturating_sub(1);
+        }
+    }
+
+    struct Cursor<'a> {
+        b: &'a [u8],
+        at: usize,
+    }
+
+    impl Cursor<'_> {
+        fn peek(&self) -> Option<u8> {
+            self.b.get(self.at).copied()
+        }
+
+        fn blank(&mut self) {
+            while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+                self.at += 1;
+            }
+        }
+
+        fn eat(&mut self, byte: u8) -> Step {
+            if self.peek() != Some(byte) {
+                return Err(NotJson);
+            }
+            self.at += 1;
+            Ok(())
+        }
+
+        /// A string, the cursor on its opening quote; returns whether it had escapes.
+        fn string(&mut self) -> Step<bool> {
+            self.eat(b'"')?;
+            let b = self.b;
+            let mut at = self.at;
+            let mut escaped = false;
+            loop {
+                at = plain_run(b, at);
+                let byte = *b.get(at).ok_or(NotJson)?;
+                match CLASS[usize::from(byte)] {
+                    PLAIN => at += 1,
+                    QUOTE => {
+                        self.at = at + 1;
+                        return Ok(escaped);
+                    }
+                    BACKSLASH => {
+                        escaped = true;
+                        self.at = at + 1;
+                        self.escape()?;
+                        at = self.at;
+                    }
+                    // A run of non-ASCII bytes ends at a character boundary: it must be
+                    // whole UTF-8 characters by itself.
+                    HIGH => {
+                        let run = b.get(at..).unwrap_or_default().iter().take_while(|b| **b >= 0x80).count();
+                        std::str::from_utf8(b.get(at..at + run).ok_or(NotJson)?).map_err(|_| NotJson)?;
+                        at += run;
+                    }
+                    _ => return Err(NotJson), // a control byte
+                }
+            }
+        }
+
+        /// The escape after a backslash.
+        fn escape(&mut self) -> Step {
+            let byte = self.peek().ok_or(NotJson)?;
+            self.at += 1;
+            match byte {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Ok(()),
+                b'u' => match self.hex4()? {
+                    0xDC00..=0xDFFF => Err(NotJson), // a lone trailing surrogate
+                    0xD800..=0xDBFF => {
+                        self.eat(b'\\')?;
+                        self.eat(b'u')?;
+                        match self.hex4()? {
+                            0xDC00..=0xDFFF => Ok(()),
+                            _ => Err(NotJson),
+                        }
+                    }
+                    _ => Ok(()),
+                },
+                _ => Err(NotJson),
+            }
+        }
+
+        fn hex4(&mut self) -> Step<u32> {
+            let digits = self.b.get(self.at..self.at + 4).ok_or(NotJson)?;
+            let mut unit = 0;
+            for d in digits {
+                unit = unit << 4 | char::from(*d).to_digit(16).ok_or(NotJson)?;
+            }
+            self.at += 4;
+            Ok(unit)
+        }
+
+        fn digits(&mut self) -> Step {
+            let start = self.at;
+            while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+                self.at += 1;
+            }
+            if self.at == start {
+                Err(NotJson)
+            } else {
+                Ok(())
+            }
+        }
+
+        fn number(&mut self) -> Step {
+            if self.peek() == Some(b'-') {
+                self.at += 1;
+            }
+            match self.peek() {
+                Some(b'0') => self.at += 1,
+                Some(b'1'..=b'9') => self.digits()?,
+                _ => return Err(NotJson),
+            }
+            if self.peek() == Some(b'.') {
+                self.at += 1;
+                self.digits()?;
+            }
+            if matches!(self.peek(), Some(b'e' | b'E')) {
+                self.at += 1;
+                if matches!(self.peek(), Some(b'+' | b'-')) {
+                    self.at += 1;
+                }
+                self.digits()?;
+            }
+            Ok(())
+        }
+
+        fn literal(&mut self, word: &[u8]) -> Step {
+            if self.b.get(self.at..self.at + word.len()) != Some(word) {
+                return Err(NotJson);
+            }
+            self.at += word.len();
+            Ok(())
+        }
+
+        /// A member name and its colon, the cursor on the name's quote.
+        fn name(&mut self) -> Step {
+            self.string()?;
+            self.blank();
+            self.eat(b':')?;
+            self.blank();
+            Ok(())
+        }
+
+        /// One value of any depth, the cursor on its first byte; without recursion.
+        fn value(&mut self, nesting: &mut Nesting) -> Step {
+            loop {
+                // A value starts here: a scalar, or a container opens (and maybe closes).
+                match self.peek().ok_or(NotJson)? {
+                    b'"' => self.string().map(drop)?,
+                    open @ (b'{' | b'[') => {
+                        self.at += 1;
+                        self.blank();
+                        let close = if open == b'{' { b'}' } else { b']' };
+                        if self.peek() == Some(close) {
+                            self.at += 1;
+                        } else {
+                            nesting.push(open == b'{');
+                            if open == b'{' {
+                                self.name()?;
+                            }
+                            continue;
+                        }
+                    }
+                    b't' => self.literal(b"true")?,
+                    b'f' => self.literal(b"false")?,
+                    b'n' => self.literal(b"null")?,
+                    _ => self.number()?,
+                }
+                // A value ended: close what it ends, up to the next value (or the end).
+                loop {
+                    let Some(object) = nesting.top() else { return Ok(()) };
+                    self.blank();
+                    match self.peek() {
+                        Some(b',') => {
+                            self.at += 1;
+                            self.blank();
+                            if object {
+                                self.name()?;
+                            }
+                            break;
+                        }
+                        Some(b'}') if object => nesting.pop(),
+                        Some(b']') if !object => nesting.pop(),
+                        _ => return Err(NotJson),
+                    }
+                    self.at += 1;
+                }
+            }
+        }
+    }
+
+    /// This project's own encoding (`Reply::encode`), read without the general scan:
+    /// `{"status":"S","data":D` then any of `,"cache_hit":B`, `,"node":N`, `,"stale":true`
+    /// and `,"id":N`, in that order, then `}`. Only `data` needs the full check. `None`: not
+    /// in that shape (the general scan then decides).
+    pub fn canonical(line: &[u8]) -> Option<Answer<'_>> {
+        let after = line.strip_prefix(b"{\"status\":\"")?;
+        let status_len = after.iter().position(|b| !(b.is_ascii_uppercase() || *b == b'_'))?;
+        let data_start = STATUS_AT + status_len + DATA_KEY.len();
+        if line.get(STATUS_AT + status_len..data_start)? != DATA_KEY {
+            return None;
+        }
+        let mut c = Cursor { b: line, at: data_start };
+        c.value(&mut Nesting::new()).ok()?;
+        let data_end = c.at;
+        let mut tail = line.get(data_end..)?;
+        for (key, value) in [
+            (&b",\"cache_hit\":"[..], Literal::Bool),
+            (b",\"node\":", Literal::Digits),
+            (b",\"stale\":", Literal::True),
+        ] {
+            if let Some(rest) = tail.strip_prefix(key) {
+                tail = value.skip(rest)?;
+            }
+        }
+        let body_end = line.len() - tail.len();
+        let id = match tail.strip_prefix(b",\"id\":") {
+            // Our tags are plain integers; any other id takes the general scan.
+            Some(id) => Some(id.strip_suffix(b"}").filter(|id| Literal::Digits.skip(id) == Some(b""))?),
+            None if tail == b"}" => None,
+            None => return None,
+        };
+        Some(Answer {
+            id,
+            status: line.get(STATUS_AT - 1..STATUS_AT + status_len + 1)?,
+            data: line.get(data_start..data_end)?,
+            head: line.get(..body_end)?,
+            rest: b"",
+            has_members: true,
+        })
+    }
+
+    /// Where the status text starts in the canonical encoding, and what follows it.
+    const STATUS_AT: usize = 11;
+    const DATA_KEY: &[u8] = b"\",\"data\":";
+
+    #[derive(Clone, Copy)]
+    enum Literal {
+        Bool,
+        True,
+        Digits,
+    }
+
+    impl Literal {
+        /// What follows the literal at the start of `rest`.
+        fn skip(self, rest: &[u8]) -> Option<&[u8]> {
+            match self {
+                Literal::Bool => rest.strip_prefix(b"true").or_else(|| rest.strip_prefix(b"false")),
+                Literal::True => rest.strip_prefix(b"true"),
+                Literal::Digits => {
+                    let n = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+                    // A JSON number has no leading zero.
+                    if n == 0 || (n > 1 && rest.first() == Some(&b'0')) {
+                        return None;
+                    }
+                    rest.get(n..)
+                }
+            }
+        }
+    }
+
+    /// Checks `line` is one JSON object (blanks around it allowed) and records its members.
+    pub fn object(line: &[u8]) -> Step<Members> {
+        let mut c = Cursor { b: line, at: 0 };
+        let mut members = Members::default();
+        // Reused by every member's value: it is back at depth 0 after each.
+        let mut nesting = Nesting::new();
+        c.blank();
+        c.eat(b'{')?;
+        c.blank();
+        if c.peek() == Some(b'}') {
+            c.at += 1;
+        } else {
+            let mut previous_end = None;
+            loop {
+                let name_start = c.at;
+                let escaped = c.string()?;
+                let raw_name = line.get(name_start..c.at).ok_or(NotJson)?;
+                let name = match escaped {
+                    // Rare: decoded the way a client's JSON parser will read it.
+                    true => Name::of(serde_json::from_slice::<String>(raw_name).map_err(|_| NotJson)?.as_bytes()),
+                    false => Name::of(raw_name.get(1..raw_name.len() - 1).unwrap_or_default()),
+                };
+                c.blank();
+                c.eat(b':')?;
+                c.blank();
+                let start = c.at;
+                c.value(&mut nesting)?;
+                members.add(name, (start, c.at), previous_end);
+                previous_end = Some(c.at);
+                c.blank();
+                match c.peek() {
+                    Some(b',') => c.at += 1,
+                    Some(b'}') => {
+                        c.at += 1;
+                        break;
+                    }
+                    _ => return Err(NotJson),
+                }
+                c.blank();
+            }
+        }
+        c.blank();
+        if c.at == line.len() {
+            Ok(members)
+        } else {
+            Err(NotJson)
+        }
+    }
+}
+
+/// The serde reference: a map visitor recording the members' byte ranges.
+struct SerdeScan {
+    base: usize,
+}
+
+struct SerdeName(Name);
+
+impl<'de> Deserialize<'de> for SerdeName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = SerdeName;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E>(self, name: &str) -> Result<SerdeName, E> {
+                Ok(SerdeName(Name::of(name.as_bytes())))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for SerdeScan {
+    type Value = Members;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an answer object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+        let mut members = Members::default();
+        let mut previous_end = None;
+        while let Some(SerdeName(name)) = map.next_key()? {
+            let value: &'de RawValue = map.next_value()?;
+            let raw = value.get();
+            let start = (raw.as_ptr() as usize).saturating_sub(self.base);
+            let end = start.saturating_add(raw.len());
+            members.add(name, (start, end), previous_end);
+            previous_end = Some(end);
+        }
+        Ok(members)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{write_tagged_get, Id, Key, KeyBuf, Reply};
+
+    fn relayed(line: &str, id: Option<&str>) -> String {
+        let answer = parse_answer(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e:?}"));
+        let mut out = Vec::new();
+        answer.write_with_id(&mut out, id);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_id_is_the_last_member_of_an_encoded_answer() {
+        // The balancer's relay relies on nothing but parse_answer, but this project's answers
+        // put the id last, which keeps the relay to two copies.
+        let mut out = Vec::new();
+        let mut reply = Reply::ok(br#"{"id":1}"#).id(Id::from_raw_json("77"));
+        reply.cache_hit = Some(false);
+        reply.node = Some(9);
+        reply.stale = true;
+        reply.encode(&mut out);
+        assert!(out.ends_with(b",\"id\":77}\n"), "{}", String::from_utf8_lossy(&out));
+        let answer = parse_answer(&out[..out.len() - 1]).unwrap();
+        assert_eq!((answer.tag(), answer.id()), (Some(77), Some("77")));
+        assert_eq!(answer.rest, b"");
+        assert_eq!(trailing_tag(&out[..out.len() - 1]), Some(77));
+    }
+
+    #[test]
+    fn the_id_is_replaced_wherever_the_peer_put_it() {
+        let table = [
+            (r#"{"status":"OK","data":1,"id":5}"#, Some("5"), r#"{"status":"OK","data":1,"id":"c"}"#),
+            (r#"{"id":5,"status":"OK","data":1.10}"#, Some("5"), r#"{"status":"OK","data":1.10,"id":"c"}"#),
+            (
+                r#" { "status" : "OK" , "id" : 5 , "data" : "a\"b" } "#,
+                Some("5"),
+                r#" { "status" : "OK" , "data" : "a\"b" ,"id":"c"}"#,
+            ),
+            (r#"{"status":"OK","data":{"id":9}}"#, None, r#"{"status":"OK","data":{"id":9},"id":"c"}"#),
+            (r#"{"status":"OK","data":null,"id":null}"#, None, r#"{"status":"OK","data":null,"id":"c"}"#),
+            (r#"{"st\u0061tus":"OK","data":[],"\u0069d":4}"#, Some("4"), r#"{"st\u0061tus":"OK","data":[],"id":"c"}"#),
+        ];
+        for (line, id, expected) in table {
+            assert_eq!(parse_answer(line.as_bytes()).unwrap().id(), id, "{line}");
+            let out = relayed(line, Some("\"c\""));
+            assert_eq!(out, format!("{expected}\n"), "{line}");
+            let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(value["id"], "c");
+        }
+        let big = "123456789012345678901234567890";
+        assert!(relayed(r#"{"id":1,"status":"OK","data":null}"#, Some(big)).ends_with(&format!(",\"id\":{big}}}\n")));
+        assert_eq!(relayed(r#"{"id":1,"status":"OK","data":0}"#, None), "{\"status\":\"OK\",\"data\":0}\n");
+    }
+
+    #[test]
+    fn what_is_not_a_well_formed_answer() {
+        let table: &[(&[u8], AnswerError)] = &[
+            (b"garbage,\"id\":5}", AnswerError::NotJson),
+            (b"", AnswerError::NotJson),
+            (b"[1]", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":1} x", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":1,\"id\":1,\"id\":2}", AnswerError::Duplicate),
+            (b"{\"status\":\"OK\",\"status\":\"OK\",\"data\":1}", AnswerError::Duplicate),
+            (b"{\"status\":\"OK\",\"data\":1,\"data\":2}", AnswerError::Duplicate),
+            (b"{\"data\":1}", AnswerError::NoStatus),
+            (b"{\"status\":7,\"data\":1}", AnswerError::NoStatus),
+            (b"{\"status\":\"OK\"}", AnswerError::NoData),
+            (b"{\"status\":\"OK\",\"dlata\":null}", AnswerError::NoData),
+            (b"{\"status\":\"OK\",\"data\":\xff}", AnswerError::NotJson),
+            (b"{\"status\":\"\xc3\xa9\xa9\",\"data\":null}", AnswerError::NotJson),
+            (b"{\"status\":\"\xed\xa0\x80\",\"data\":null}", AnswerError::NotJson),
+            (b"{\"status\":\"a\x01\",\"data\":null}", AnswerError::NotJson),
+            (b"{\"status\":\"\\ud800\",\"data\":null}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":[1,]}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":{\"a\":1]}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":[[[]]}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":1,\"id\":05}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":1,\"node\":01,\"id\":5}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":1,\"cache_hit\":tru,\"id\":5}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":1,\"id\":5}}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":1,\"id\":5,\"id\":6}", AnswerError::Duplicate),
+            (b"{\"status\":\"OK\",\"data\":1,\"data\":2,\"id\":5}", AnswerError::Duplicate),
+        ];
+        for (line, error) in table {
+            assert_eq!(parse_answer(line).err(), Some(*error), "{}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[test]
+    fn non_ascii_and_escapes_pass_byte_for_byte() {
+        let line = "{\"status\":\"OK\",\"data\":\"é€😀 \\u00e9\\ud83d\\ude00 \\\" tab\\t\",\"id\":3}";
+        let answer = parse_answer(line.as_bytes()).unwrap();
+        assert_eq!(answer.data, "\"é€😀 \\u00e9\\ud83d\\ude00 \\\" tab\\t\"".as_bytes());
+        assert_eq!(Ok(answer), parse_answer_with_serde(line.as_bytes()));
+    }
+
+    #[test]
+    fn any_depth_passes_that_the_line_allows() {
+        for depth in [1, 127, 128, 129, 1_000, 1_025, 100_000] {
+            let data = format!("{}0{}", "[{\"a\":".repeat(depth), "}]".repeat(depth));
+            let line = format!("{{\"status\":\"OK\",\"data\":{data},\"id\":1}}");
+            let answer = parse_answer(line.as_bytes()).unwrap_or_else(|e| panic!("depth {depth}: {e:?}"));
+            assert_eq!(answer.data, data.as_bytes());
+            // One bracket short at the bottom, or one too many: not JSON.
+            let short = format!("{{\"status\":\"OK\",\"data\":{}}}", &data[..data.len() - 1]);
+            assert_eq!(parse_answer(short.as_bytes()).err(), Some(AnswerError::NotJson), "depth {depth}");
+            let mismatched = format!("{{\"status\":\"OK\",\"data\":{}}}}}", &data[..data.len() - 1]);
+            assert_eq!(parse_answer(mismatched.as_bytes()).err(), Some(AnswerError::NotJson), "depth {depth}");
+        }
+        let arrays = format!("{{\"status\":\"OK\",\"data\":{}{}}}", "[".repeat(50_000), "]".repeat(50_000));
+        assert!(parse_answer(arrays.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn tags_are_plain_integers() {
+        for (line, tag) in [
+            (r#"{"status":"OK","data":1,"id":12}"#, Some(12)),
+            (r#"{"status":"OK","data":1,"id":-1}"#, None),
+            (r#"{"status":"OK","data":1,"id":1.0}"#, None),
+            (r#"{"status":"OK","data":1,"id":"12"}"#, None),
+            (r#"{"status":"OK","data":1,"id":99999999999999999999}"#, None),
+        ] {
+            assert_eq!(parse_answer(line.as_bytes()).unwrap().tag(), tag, "{line}");
+        }
+    }
+
+    #[test]
+    fn a_broken_line_may_still_name_its_tag_at_the_end() {
+        assert_eq!(trailing_tag(b"garbage,\"id\":5}"), Some(5));
+        assert_eq!(trailing_tag(b"{\"status\":\"OK\",\"data\":[[, \"id\" : 12 } "), Some(12));
+        assert_eq!(trailing_tag(b"{\"status\":\"OK\",\"xid\":5}"), None);
+        assert_eq!(trailing_tag(b"{\"status\":\"OK\",\"id\":\"5\"}"), None);
+        assert_eq!(trailing_tag(b"\"id\":}"), None);
+        assert_eq!(trailing_tag(b""), None);
+    }
+
+    #[test]
+    fn tagged_gets_are_json_requests_with_the_id_last() {
+        let mut out = Vec::new();
+        let key = Key::parse("/a/b".into()).unwrap();
+        write_tagged_get(&mut out, &KeyBuf::copy_of(&key, String::new()), 42);
+        assert_eq!(out, b"{\"op\":\"get\",\"key\":\"a/b\",\"id\":42}\n");
+        let request = parse_request(&out[..out.len() - 1]).unwrap();
+        assert_eq!(request.id.map(|id| id.as_json()), Some("42"));
+        assert_eq!(request.op, crate::protocol::Op::Get(key));
+    }
+
+    use crate::protocol::parse_request;
+
+    #[test]
+    fn a_shared_body_takes_each_clients_tail() {
+        let answer = parse_answer(br#"{"status":"OK","data":[1],"id":3}"#).unwrap();
+        let body = answer.shared_body();
+        let mut out = body.to_vec();
+        write_answer_tail(&mut out, answer.has_members(), Some("\"x\""));
+        assert_eq!(out, b"{\"status\":\"OK\",\"data\":[1],\"id\":\"x\"}\n");
+        assert!(answer.status_is(Status::Ok));
+        assert_eq!(answer.data, b"[1]");
+    }
+}
