@@ -253,6 +253,9 @@ impl<'a> RequestError<'a> {
 
 /// Parses one request line (without its `\n`, and without the `\r` before it).
 pub fn parse_request(line: &[u8]) -> Result<Request<'_>, RequestError<'_>> {
+    if let Some(request) = text_get_fast(line) {
+        return Ok(request);
+    }
     let text = std::str::from_utf8(line).map_err(|_| RequestError::bad("request is not valid UTF-8"))?;
     let text = text.trim_matches(|c| c == ' ' || c == '\t');
     if text.starts_with('{') {
@@ -260,6 +263,51 @@ pub fn parse_request(line: &[u8]) -> Result<Request<'_>, RequestError<'_>> {
     } else {
         parse_text(text)
     }
+}
+
+/// The hot path: a valid text-form `GET key`, read in one pass over the bytes with no
+/// splitting and no separate UTF-8 check. `None` for anything else (including every
+/// malformed line), which the general parser then judges, so errors read the same.
+fn text_get_fast(line: &[u8]) -> Option<Request<'_>> {
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = line.iter().position(|b| !blank(b))?;
+    let end = line.iter().rposition(|b| !blank(b))?.checked_add(1)?;
+    let text = line.get(start..end)?;
+    let (verb, rest) = (text.get(..3)?, text.get(3..)?);
+    if !verb.eq_ignore_ascii_case(b"get") {
+        return None;
+    }
+    let key_start = rest.iter().position(|b| !blank(b))?;
+    if key_start == 0 {
+        return None; // `GETx`: not this verb
+    }
+    let raw = rest.get(key_start..)?;
+    let key = raw.strip_prefix(b"/").unwrap_or(raw);
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return None;
+    }
+    // Every byte unreserved or `/` (so no blank: nothing after the key), and every segment
+    // non-empty and neither `.` nor `..` (SPEC 2.2).
+    let mut segment = 0usize;
+    let mut dots = 0usize;
+    for &b in key {
+        if b == b'/' {
+            if segment == 0 || segment == dots && dots <= 2 {
+                return None;
+            }
+            (segment, dots) = (0, 0);
+        } else if is_unreserved(b) {
+            segment += 1;
+            dots += usize::from(b == b'.');
+        } else {
+            return None;
+        }
+    }
+    if segment == 0 || segment == dots && dots <= 2 {
+        return None;
+    }
+    let key = std::str::from_utf8(key).ok()?; // ASCII, so this cannot fail
+    Some(Request { op: Op::Get(Key(Cow::Borrowed(key))), id: None })
 }
 
 fn parse_text(text: &str) -> Result<Request<'_>, RequestError<'_>> {
@@ -495,6 +543,23 @@ pub use answer::{parse_answer, parse_answer_with_serde, trailing_tag, write_answ
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// The GET fast path agrees with the general parser on every line it accepts, and
+        /// accepts every valid text-form GET.
+        #[test]
+        fn the_get_fast_path_agrees_with_the_general_parser(line in "[ \t]{0,2}(GET|get|Get|GETx|PURGE)?[ \t]{0,2}/?[a-z.~_/-]{0,6}[ \t]{0,2}[a.]{0,2}") {
+            let fast = text_get_fast(line.as_bytes());
+            let general = std::str::from_utf8(line.as_bytes()).ok().map(|t| parse_text(t.trim_matches(|c| c == ' ' || c == '\t')));
+            match (&fast, general) {
+                (Some(f), Some(Ok(g))) => proptest::prop_assert_eq!(f, &g),
+                (Some(f), other) => proptest::prop_assert!(false, "{line:?}: fast {f:?}, general {other:?}"),
+                (None, Some(Ok(Request { op: Op::Get(_), .. }))) => proptest::prop_assert!(false, "{line:?}: a valid GET missed"),
+                (None, _) => {}
+            }
+        }
+    }
 
     fn ok(line: &str) -> Request<'_> {
         parse_request(line.as_bytes()).unwrap_or_else(|e| panic!("{line:?}: {e:?}"))
