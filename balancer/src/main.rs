@@ -103,6 +103,13 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     common::logging::init(args.server.log_level);
+    // Names are resolved (blocking, for seconds when a nameserver is slow) before the loop
+    // installs its handlers; a SIGHUP meanwhile must not kill the balancer (the default
+    // action): it is noted, and sent again once the loop listens for it.
+    let early_reload = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGHUP, early_reload.clone()) {
+        log::warn!("cannot catch SIGHUP during start-up: {e}");
+    }
     if !(args.hash_load_factor.is_finite() && args.hash_load_factor >= 1.0) {
         eprintln!("balancer: --hash-load-factor must be a number >= 1");
         return ExitCode::from(2);
@@ -151,5 +158,13 @@ fn main() -> ExitCode {
         max_pending: args.max_pending,
         collapse: matches!(args.collapse, OnOff::On),
     };
-    common::cli::exit_status("balancer", balancer::run(config))
+    let server = match balancer::bind(config) {
+        Ok(server) => server,
+        Err(e) => return common::cli::exit_status("balancer", Err(e)),
+    };
+    if early_reload.load(std::sync::atomic::Ordering::SeqCst) {
+        // The file may have changed after it was read: the loop reloads it first thing.
+        let _ = signal_hook::low_level::raise(signal_hook::consts::SIGHUP);
+    }
+    common::cli::exit_status("balancer", server.run())
 }

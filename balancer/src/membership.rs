@@ -11,6 +11,9 @@ use std::net::{IpAddr, SocketAddr};
 
 /// Longest host name accepted (RFC 1035: 253 characters in text form).
 const MAX_HOST: usize = 253;
+/// Longest `HOST:PORT` entry: a longest name, or a bracketed IPv6 address, and a port. Longer
+/// ones are refused before they are quoted in an error, so a bad line logs a short message.
+const MAX_SPEC: usize = MAX_HOST + 1 + 5;
 /// Longest proxies file read; a file larger than this is refused, not read whole.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
@@ -32,6 +35,12 @@ impl ProxySpec {
     /// Parses `HOST:PORT`: `10.0.0.5:8001`, `[::1]:8001`, `cache-0.proxies.svc:8001`.
     pub fn parse(text: &str) -> Result<ProxySpec, String> {
         let text = text.trim();
+        if text.len() > MAX_SPEC {
+            return Err(format!("an entry of {} bytes is longer than any HOST:PORT", text.len()));
+        }
+        if text.chars().any(char::is_control) {
+            return Err(format!("{:?} holds a control character", text));
+        }
         let (host, port) = text.rsplit_once(':').ok_or_else(|| format!("'{text}' is not HOST:PORT"))?;
         let port: u16 = port.parse().map_err(|_| format!("'{text}': '{port}' is not a port number"))?;
         if port == 0 {
@@ -143,19 +152,29 @@ pub fn parse_file(bytes: &[u8]) -> Result<Vec<ProxySpec>, FileError> {
     Ok(specs)
 }
 
-/// Reads and parses a proxies file. Reading is a plain blocking read of a small local file,
-/// done at start-up and on SIGHUP; a file over [`MAX_FILE_BYTES`] or not a regular file is
-/// refused before it is read.
+/// Reads and parses a proxies file, at start-up and on SIGHUP, on the loop: it must never
+/// block. The file is opened non-blocking (a FIFO put in its place does not wait for a writer)
+/// and the opened file is the one checked — a path checked first and opened after could be
+/// swapped for a FIFO in between. At most [`MAX_FILE_BYTES`] are read, whatever the size said
+/// (a file that grows while read, or a /proc file that claims to be empty).
 pub fn read_file(path: &std::path::Path) -> Result<Vec<ProxySpec>, FileError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let whole = |message: String| FileError { line: 0, message };
-    let meta = std::fs::metadata(path).map_err(|e| whole(format!("{}: {e}", path.display())))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| whole(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| whole(e.to_string()))?;
     if !meta.is_file() {
-        return Err(whole(format!("{}: not a regular file", path.display())));
+        return Err(whole("not a regular file".into()));
     }
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(whole(format!("{}: larger than {MAX_FILE_BYTES} bytes", path.display())));
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| whole(e.to_string()))?;
+    if u64::try_from(bytes.len()).map_or(true, |n| n > MAX_FILE_BYTES) {
+        return Err(whole(format!("larger than {MAX_FILE_BYTES} bytes")));
     }
-    let bytes = std::fs::read(path).map_err(|e| whole(format!("{}: {e}", path.display())))?;
     parse_file(&bytes)
 }
 
@@ -290,6 +309,76 @@ mod tests {
         let _ = std::fs::write(&file, "127.0.0.1:8001\n");
         assert_eq!(read_file(&file).map(|s| s.len()), Ok(1));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A reload reads on the loop: a FIFO swapped in for the file after any check must not
+    /// block it (the open would wait for a writer), and a file is never read past the bound.
+    #[test]
+    fn a_fifo_swapped_in_is_not_waited_on_and_no_file_is_read_past_the_bound() {
+        let dir = std::env::temp_dir().join(format!("membership-fifo-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("proxies");
+        let mkfifo = |p: &std::path::Path| {
+            let made = std::process::Command::new("mkfifo").arg(p).status();
+            assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", p.display());
+        };
+        mkfifo(&path);
+        assert_eq!(read_file(&path).map_err(|e| e.line), Err(0), "a FIFO was read");
+        // The file and a FIFO swap places as fast as they can while reads go on.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (dir, path, stop) = (dir.clone(), path.clone(), stop.clone());
+            let fifo = dir.join("fifo");
+            mkfifo(&fifo);
+            std::thread::spawn(move || {
+                let (reg, link) = (dir.join("reg"), dir.join("link"));
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = std::fs::write(&reg, "127.0.0.1:8001\n");
+                    let _ = std::fs::rename(&reg, &path);
+                    let _ = std::fs::hard_link(&fifo, &link);
+                    let _ = std::fs::rename(&link, &path);
+                }
+            })
+        };
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let reader = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let began = std::time::Instant::now();
+                let mut reads = 0u32;
+                while began.elapsed() < std::time::Duration::from_secs(2) && reads < 200_000 {
+                    let _ = read_file(&path);
+                    reads += 1;
+                }
+                let _ = done_tx.send(reads);
+            })
+        };
+        let outcome = done_rx.recv_timeout(std::time::Duration::from_secs(10));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = swapper.join();
+        if outcome.is_err() {
+            // Free the blocked reader (a writer opens the FIFO) before failing.
+            let _ = std::fs::OpenOptions::new().write(true).open(&path);
+        }
+        let _ = reader.join();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(outcome.is_ok(), "read_file blocked opening a FIFO swapped in for the file");
+        // /proc files claim a size of 0; kallsyms holds megabytes. Refused, not read whole.
+        let kallsyms = std::path::Path::new("/proc/kallsyms");
+        if std::fs::metadata(kallsyms).is_ok() {
+            let got = read_file(kallsyms).map_err(|e| e.to_string());
+            assert!(matches!(&got, Err(e) if e.contains("larger than")), "{got:?}");
+        }
+    }
+
+    /// A bad line is quoted in the log: a 900 KB line or terminal escapes must not be.
+    #[test]
+    fn a_long_or_odd_line_gives_a_short_error() {
+        let long = format!("{}:80\n", "1".repeat(900_000));
+        let err = parse_file(long.as_bytes()).map_err(|e| e.to_string());
+        assert!(matches!(&err, Err(e) if e.len() < 200), "{:?}", err.map_err(|e| e.len()));
+        let escape = parse_file(b"\x1b[2Jhost:80\n").map_err(|e| e.to_string());
+        assert!(matches!(&escape, Err(e) if !e.contains('\x1b')), "{escape:?}");
     }
 
     #[test]

@@ -305,3 +305,70 @@ fn drain_and_enable_on_the_admin_port() {
     assert!(prom.contains("cachetier_reloads_total 0"), "{prom}");
     assert!(prom.contains("cachetier_reloads_failed_total 0"), "{prom}");
 }
+
+/// Kills and reaps a process this test started, by its PID, on drop.
+struct Started(std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start-up resolves the proxies' names before the loop runs, blocking for as long as a
+/// nameserver takes; a SIGHUP then (a deploy tool reloading a balancer it just started) must
+/// not kill it (SIGHUP's default action): it reloads once it listens. The balancer gets a
+/// private mount namespace whose resolv.conf names a nameserver that never answers. Runs when
+/// it is root and `unshare -m` works; otherwise it says why and passes.
+#[test]
+fn a_sighup_while_names_resolve_at_start_up_does_not_kill_the_balancer() {
+    let uid = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout).unwrap_or_default();
+    let unshare = std::process::Command::new("unshare").args(["-m", "true"]).status();
+    if String::from_utf8_lossy(&uid).trim() != "0" || !unshare.is_ok_and(|s| s.success()) {
+        eprintln!("skipping the slow-resolver test: not root, or no unshare -m");
+        return;
+    }
+    // A nameserver that takes every query and answers none.
+    // On an address of its own, so that parallel runs do not collide.
+    let nameserver = format!("127.{}.0.77", 20 + std::process::id() % 200);
+    let silent = std::net::UdpSocket::bind((nameserver.as_str(), 53)).unwrap();
+    let dir = scratch("early-hup");
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n")).unwrap();
+    let file = dir.join("proxies");
+    std::fs::write(&file, "127.0.0.1:9\nslow.cachetier.invalid:9\n").unwrap();
+    let log = dir.join("balancer.log");
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && exec {} --port 0 --proxies-file {} --log-level info",
+        resolv.display(),
+        workspace_bin("balancer").unwrap().display(),
+        file.display()
+    );
+    let child = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut balancer = Started(child);
+    // Its lookup is under way once it holds a socket (it listens only after the lookups).
+    let looking_up = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")))
+        })
+    };
+    assert!(wait_until(Duration::from_secs(10), looking_up), "the balancer never began a lookup");
+    let hup = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap();
+    assert!(hup.success());
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let reloaded_or_gone = || text().contains("SIGHUP: reloading") || balancer.0.try_wait().ok().flatten().is_some();
+    assert!(wait_until(Duration::from_secs(15), reloaded_or_gone), "no reload: {}", text());
+    let status = balancer.0.try_wait().ok().flatten();
+    assert!(status.is_none(), "a SIGHUP during start-up killed the balancer ({status:?}): {}", text());
+    assert!(text().contains("listening on"));
+    drop(balancer);
+    drop(silent);
+}
