@@ -192,9 +192,9 @@ impl Balancer {
                 (conn, None)
             }
         };
+        let Some(r) = core.requests.get(index) else { return Ok(()) };
         b.in_flight += 1;
         b.forwarded += 1;
-        let Some(r) = core.requests.get(index) else { return Ok(()) };
         let id = core.book.start(ctx.now(), Attempt { request: index, backend, conn, reused_at });
         match self.links.queue(conn) {
             Some((out, ConnKind::Mux)) => write_tagged_get(out, &r.key, id),
