@@ -22,6 +22,8 @@
 # WORKLOADS ("W1 W2 W3 W4 W5 W6"), SERVER_CPU (0), LOAD_CPU (1); STRACE=1: W1/W5/W6 also count
 # syscalls per answer (strace -c -f) at the balancer and one proxy over a bounded run;
 # TWEMPROXY=1: then runs scripts/bench_vs_twemproxy.sh (needs nutcracker and memcached).
+# LB_ARGS: extra balancer flags for every cluster (e.g. "--access-log /tmp/lb.log", to measure
+# what the access log costs).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -74,7 +76,8 @@ cluster() {
         serve "$BIN/proxy" --port "$p" --origin-port "$ORIGIN" --log-level warn $proxy_args; PROXY_PID=$LAST_PID
     done
     for p in "${ports[@]}"; do wait_up "$p"; done
-    serve "$BIN/balancer" --port "$LB" --strategy "$strategy" --log-level warn \
+    # shellcheck disable=SC2086
+    serve "$BIN/balancer" --port "$LB" --strategy "$strategy" --log-level warn ${LB_ARGS:-} \
         --proxies "127.0.0.1:${ports[0]}" "127.0.0.1:${ports[1]}" "127.0.0.1:${ports[2]}"; LB_PID=$LAST_PID
     wait_up "$LB"
     sleep 1.2 # the first probes and METRICS polls are done
