@@ -12,7 +12,7 @@ use mio::event::Event;
 use mio::Token;
 
 use crate::attempts::Attempt;
-use crate::exchange::{Exchanges, Heard, Purpose, MAX_ANSWER};
+use crate::exchange::{Exchanges, MAX_ANSWER};
 use crate::failure::Failure;
 use crate::inflight::{InFlight, Parked};
 use crate::links::Links;
@@ -35,6 +35,8 @@ pub enum Timer {
     PurgeDeadline(usize),
 }
 
+#[path = "probing.rs"]
+mod probing;
 #[path = "purging.rs"]
 mod purging;
 
@@ -289,54 +291,6 @@ impl Balancer {
         }
         self.core.arm_deadline(ctx);
     }
-
-    fn start_exchange(
-        &mut self,
-        ctx: &mut Ctx<Timer>,
-        backend: usize,
-        purpose: Purpose,
-        key: &str,
-    ) -> Result<(), Failure> {
-        let addr = self.core.backends[backend].addr;
-        let index = self.exchanges.start(ctx.registry(), addr, (backend, purpose, key), exchange_token)?;
-        let timeout = match purpose {
-            Purpose::Purge(_) => self.core.config.request_timeout,
-            Purpose::Probe | Purpose::Poll => self.core.config.health_timeout,
-        };
-        let timer = ctx.schedule(ctx.now() + timeout, Timer::Exchange(index));
-        self.exchanges.set_timer(index, timer);
-        Ok(())
-    }
-
-    /// Ends an exchange with what it heard (`None`: no well-formed answer in time).
-    fn finish_exchange(&mut self, ctx: &mut Ctx<Timer>, index: usize, heard: Option<Heard>) {
-        let Some(x) = self.exchanges.finish(ctx.registry(), index) else { return };
-        if let Some(timer) = x.timer {
-            ctx.cancel(timer);
-        }
-        let core = &mut self.core;
-        let b = &mut core.backends[x.backend];
-        match (x.purpose, heard) {
-            (Purpose::Probe, heard) => {
-                b.probing = false;
-                let transition = match heard {
-                    Some(Heard::Probe { multiplexed }) => {
-                        b.capable = multiplexed;
-                        b.health.record_success()
-                    }
-                    _ => b.health.record_failure(),
-                };
-                core.transition(x.backend, transition, "health probes failed");
-            }
-            (Purpose::Poll, heard) => {
-                b.polling = false;
-                if let Some(Heard::Poll(Some(data))) = heard {
-                    b.set_metrics(&data);
-                }
-            }
-            (Purpose::Purge(_), _) => {} // PURGEs go on their own connections
-        }
-    }
 }
 
 impl Service for Balancer {
@@ -375,32 +329,8 @@ impl Service for Balancer {
 
     fn on_timer(&mut self, ctx: &mut Ctx<Timer>, timer: Timer) {
         match timer {
-            Timer::Probe(backend, generation) => {
-                if !self.core.backends.get(backend).is_some_and(|b| b.present() && b.generation == generation) {
-                    return; // its proxy has left the set
-                }
-                ctx.schedule(ctx.now() + self.core.config.health_interval, Timer::Probe(backend, generation));
-                if !self.core.backends[backend].probing {
-                    match self.start_exchange(ctx, backend, Purpose::Probe, "") {
-                        Ok(()) => self.core.backends[backend].probing = true,
-                        Err(failure) => {
-                            let transition = self.core.backends[backend].health.record_failure();
-                            self.core.transition(backend, transition, failure.describe());
-                        }
-                    }
-                }
-            }
-            Timer::PollMetrics(backend, generation) => {
-                if !self.core.backends.get(backend).is_some_and(|b| b.present() && b.generation == generation) {
-                    return;
-                }
-                let next = Timer::PollMetrics(backend, generation);
-                ctx.schedule(ctx.now() + self.core.config.metrics_interval, next);
-                if !self.core.backends[backend].polling && self.start_exchange(ctx, backend, Purpose::Poll, "").is_ok()
-                {
-                    self.core.backends[backend].polling = true;
-                }
-            }
+            Timer::Probe(backend, generation) => self.on_probe_timer(ctx, backend, generation),
+            Timer::PollMetrics(backend, generation) => self.on_poll_timer(ctx, backend, generation),
             Timer::AttemptDeadlines => self.on_attempt_deadlines(ctx),
             Timer::Exchange(index) => self.finish_exchange(ctx, index, None),
             Timer::Resolve => self.on_resolve_timer(ctx),
