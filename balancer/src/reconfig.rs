@@ -151,18 +151,37 @@ impl Balancer {
             "enable" => false,
             _ => return None,
         };
-        let Some(b) = self.core.backends.iter_mut().find(|b| b.present() && b.name == addr) else {
-            return Some(AdminResponse::text(404, "no such proxy"));
+        // `:` and the brackets of an IPv6 address as some HTTP clients percent-encode them.
+        let addr = decode_addr(addr);
+        // HOST:PORT is a proxy's `ip:port`, or the DNS name it came from with that port: then
+        // every address of that name (SPEC 7).
+        let named = |b: &crate::backend::Backend| {
+            b.dns_name.as_deref().is_some_and(|name| {
+                addr.strip_prefix(name).and_then(|p| p.strip_prefix(':')).and_then(|p| p.parse::<u16>().ok())
+                    == Some(b.addr.port())
+            })
         };
+        let chosen: Vec<usize> = (0..self.core.backends.len())
+            .filter(|&i| {
+                let b = &self.core.backends[i];
+                b.present() && (b.name == addr || named(b))
+            })
+            .collect();
+        if chosen.is_empty() {
+            return Some(AdminResponse::text(404, "no such proxy"));
+        }
         if request.method != "POST" {
             return Some(AdminResponse::method_not_allowed());
         }
-        match (b.state, drain) {
-            (SlotState::Leaving, _) => return Some(AdminResponse::text(409, "the proxy is leaving the set")),
-            (_, true) => b.state = SlotState::Drained,
-            (_, false) => b.state = SlotState::Active,
+        if chosen.iter().any(|&i| self.core.backends[i].state == SlotState::Leaving) {
+            return Some(AdminResponse::text(409, "the proxy is leaving the set"));
         }
-        info!("proxy {} {} on the admin port", b.name, if drain { "drained" } else { "enabled" });
+        for &i in &chosen {
+            let b = &mut self.core.backends[i];
+            b.state = if drain { SlotState::Drained } else { SlotState::Active };
+            info!("proxy {} {} on the admin port", b.name, if drain { "drained" } else { "enabled" });
+        }
+        let b = &self.core.backends[chosen[0]];
         #[derive(serde::Serialize)]
         struct State<'a> {
             proxy: &'a str,
@@ -170,4 +189,33 @@ impl Balancer {
         }
         Some(AdminResponse::json(&State { proxy: &b.name, draining: drain }))
     }
+}
+
+/// `127.0.0.1%3A8001` → `127.0.0.1:8001` (also `%5B`/`%5D` around an IPv6 address); other
+/// text is left as it is.
+fn decode_addr(path_part: &str) -> String {
+    let mut out = String::with_capacity(path_part.len());
+    let mut rest = path_part;
+    while let Some(at) = rest.find('%') {
+        out.push_str(rest.get(..at).unwrap_or_default());
+        let code = rest.get(at + 1..at + 3).unwrap_or_default();
+        let decoded = match code.to_ascii_uppercase().as_str() {
+            "3A" => Some(':'),
+            "5B" => Some('['),
+            "5D" => Some(']'),
+            _ => None,
+        };
+        match decoded {
+            Some(c) => {
+                out.push(c);
+                rest = rest.get(at + 3..).unwrap_or_default();
+            }
+            None => {
+                out.push('%');
+                rest = rest.get(at + 1..).unwrap_or_default();
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }

@@ -304,6 +304,27 @@ fn drain_and_enable_on_the_admin_port() {
     let prom = observe::get(admin, "/metrics").text();
     assert!(prom.contains("cachetier_reloads_total 0"), "{prom}");
     assert!(prom.contains("cachetier_reloads_failed_total 0"), "{prom}");
+
+    // `:` percent-encoded, as some HTTP clients send it.
+    let encoded = format!("/proxies/{}/drain", rig.addr(0).replace(':', "%3A"));
+    assert_eq!(http(admin, "POST", &encoded).unwrap().status, 200);
+    assert_eq!(rig.metrics()["proxies"][rig.addr(0)]["draining"], true);
+    assert_eq!(http(admin, "POST", &format!("/proxies/{}/enable", rig.addr(0))).unwrap().status, 200);
+
+    // A proxy listed by name is drained by that name (HOST:PORT with HOST a DNS name).
+    let port0 = port(&rig, 0);
+    std::fs::write(&rig.file, format!("localhost:{port0}\n{}\n", rig.addr(1))).unwrap();
+    let before = rig.metrics()["reloads"].as_u64().unwrap();
+    rig.balancer.signal("HUP");
+    assert!(wait_until(Duration::from_secs(10), || rig.metrics()["reloads"].as_u64() == Some(before + 1)));
+    assert_eq!(rig.metrics()["proxies"][rig.addr(0)]["name"], "localhost", "{}", rig.metrics());
+    let by_name = http(admin, "POST", &format!("/proxies/localhost:{port0}/drain")).unwrap();
+    assert_eq!(by_name.status, 200, "{}", by_name.text());
+    assert_eq!(rig.metrics()["proxies"][rig.addr(0)]["draining"], true);
+    assert_eq!(
+        http(admin, "POST", &format!("/proxies/localhost:{}/drain", port0.wrapping_add(1))).unwrap().status,
+        404
+    );
 }
 
 /// Kills and reaps a process this test started, by its PID, on drop.
