@@ -190,3 +190,37 @@ fn a_hundred_thousand_levels_pass_and_ten_mebibytes_of_brackets_fail_only_their_
     let v: Value = serde_json::from_str(&c.recv_line().unwrap().unwrap()).unwrap();
     assert_eq!((v["status"].as_str(), v["id"].as_u64()), (Some("PROXY_UNREACHABLE"), Some(2)), "{v}");
 }
+
+/// Measured before the fix: one client GET of a value holding a lone surrogate escape
+/// (`"\ud800"`, valid JSON to the origin and the proxies, and to serde) was garbage to the
+/// balancer; with the default `--retries 2`, each of three proxies took a failure for it, so
+/// three such GETs (from one client) marked every proxy DOWN.
+#[test]
+fn a_value_with_a_lone_surrogate_escape_is_relayed_and_marks_no_proxy_down() {
+    let dir = common::testkit::temp_dir("balancer-surrogate");
+    std::fs::write(dir.join("lone.json"), "[\"\\ud800\",\"\\udfff x\"]").unwrap();
+    let origin = RunningServer::start(origin::bind(origin::OriginConfig::new(&dir)).unwrap());
+    let proxies: Vec<RunningServer> =
+        (0..3).map(|_| RunningServer::start(proxy::bind(proxy::ProxyConfig::new(origin.addr())).unwrap())).collect();
+    let addrs: Vec<SocketAddr> = proxies.iter().map(RunningServer::addr).collect();
+    let balancer = RunningServer::start(balancer::bind(balancer::BalancerConfig::new(&addrs)).unwrap());
+    let addr = balancer.addr();
+    assert!(wait_until(Duration::from_secs(5), || {
+        let m = metrics(addr).unwrap();
+        addrs.iter().all(|p| m["proxies"][p.to_string()]["multiplexed"] == true)
+    }));
+    let mut c = LineClient::connect(addr).unwrap();
+    c.set_timeout(Duration::from_secs(10)).unwrap();
+    for i in 0..4 {
+        c.send(&format!("{{\"op\":\"get\",\"key\":\"lone\",\"id\":{i}}}")).unwrap();
+        let line = c.recv_line().unwrap().unwrap();
+        assert!(line.starts_with("{\"status\":\"OK\",\"data\":[\"\\ud800\",\"\\udfff x\"],"), "{line}");
+        assert!(line.ends_with(&format!(",\"id\":{i}}}\n")), "{line}");
+    }
+    let m = metrics(addr).unwrap();
+    for p in &addrs {
+        let p = &m["proxies"][p.to_string()];
+        assert_eq!((p["healthy"].as_bool(), p["failures"].as_u64()), (Some(true), Some(0)), "{m}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
