@@ -224,3 +224,19 @@ fn a_value_with_a_lone_surrogate_escape_is_relayed_and_marks_no_proxy_down() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn odd_client_ids_come_back_byte_for_byte_on_the_error_path_too() {
+    let dead = common::testkit::refused_addr();
+    let mut config = balancer::BalancerConfig::new(&[dead]);
+    config.retries = 0;
+    let balancer = RunningServer::start(balancer::bind(config).unwrap());
+    let mut c = LineClient::connect(balancer.addr()).unwrap();
+    c.set_timeout(Duration::from_secs(10)).unwrap();
+    for id in ["123456789012345678901234567890", "1E400", "-0.0e-0", "\"\\ud800\\u00e9\\\"\"", "\"é😀\"", "1.10"] {
+        c.send(&format!("{{\"op\":\"get\",\"key\":\"k\",\"id\" : {id} }}")).unwrap();
+        let line = c.recv_line().unwrap().unwrap();
+        assert!(line.starts_with("{\"status\":\"PROXY_UNREACHABLE\""), "{line}");
+        assert!(line.ends_with(&format!(",\"id\":{id}}}\n")), "{id}: {line}");
+    }
+}
