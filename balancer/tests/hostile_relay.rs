@@ -240,3 +240,38 @@ fn odd_client_ids_come_back_byte_for_byte_on_the_error_path_too() {
         assert!(line.ends_with(&format!(",\"id\":{id}}}\n")), "{id}: {line}");
     }
 }
+
+#[test]
+fn bad_bytes_in_data_fail_only_their_attempt_at_once() {
+    let (proxy, rx) = puppet_proxy();
+    let balancer = balancer_for(proxy);
+    let mut c = LineClient::connect(balancer.addr()).unwrap();
+    c.set_timeout(Duration::from_secs(10)).unwrap();
+    let bad: [&[u8]; 8] = [
+        b"\"\xff\"",             // not UTF-8
+        b"\"\xc0\xaf\"",         // overlong
+        b"\"\xed\xa0\x80\"",     // a surrogate encoded in UTF-8
+        b"\"\xf4\x90\x80\x80\"", // past U+10FFFF
+        b"\"a\x00b\"",           // a raw NUL
+        b"[1,]",
+        b"\"\\ud80\"",
+        b"01",
+    ];
+    for (i, data) in bad.iter().enumerate() {
+        let t = std::time::Instant::now();
+        c.send(&format!("{{\"op\":\"get\",\"key\":\"k/{i}\",\"id\":{i}}}")).unwrap();
+        let mut g = got(&rx);
+        let mut line = b"{\"status\":\"OK\",\"data\":".to_vec();
+        line.extend_from_slice(data);
+        line.extend_from_slice(format!(",\"id\":{}}}", g.id).as_bytes());
+        say(&mut g.w, &line);
+        let v: Value = serde_json::from_str(&c.recv_line().unwrap().unwrap()).unwrap();
+        assert_eq!((v["status"].as_str(), v["id"].as_u64()), (Some("PROXY_UNREACHABLE"), Some(i as u64)), "{v}");
+        // Measured: a few ms; the attempt's deadline is 5 s.
+        assert!(t.elapsed() < Duration::from_secs(2), "{i}: waited {:?}", t.elapsed());
+    }
+    c.send("{\"op\":\"get\",\"key\":\"good\",\"id\":\"g\"}").unwrap();
+    let mut g = got(&rx);
+    say(&mut g.w, format!("{{\"status\":\"OK\",\"data\":\"\\u0000\",\"id\":{}}}", g.id).as_bytes());
+    assert_eq!(c.recv_line().unwrap().unwrap(), "{\"status\":\"OK\",\"data\":\"\\u0000\",\"id\":\"g\"}\n");
+}
