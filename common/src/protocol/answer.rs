@@ -140,6 +140,9 @@ pub fn parse_answer(line: &[u8]) -> Result<Answer<'_>, AnswerError> {
 #[doc(hidden)]
 pub fn parse_answer_with_serde(line: &[u8]) -> Result<Answer<'_>, AnswerError> {
     let text = std::str::from_utf8(line).map_err(|_| AnswerError::NotJson)?;
+    if text.contains('\n') {
+        return Err(AnswerError::NotJson); // not one line
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     let members = serde::Deserializer::deserialize_map(&mut de, SerdeScan { base: text.as_ptr() as usize })
         .map_err(|_| AnswerError::NotJson)?;
@@ -361,8 +364,10 @@ mod scan {
             self.b.get(self.at).copied()
         }
 
+        /// JSON's blanks but `\n`: a line has none (framing ends it there), and one let through
+        /// would make the relayed answer two lines.
         fn blank(&mut self) {
-            while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            while matches!(self.peek(), Some(b' ' | b'\t' | b'\r')) {
                 self.at += 1;
             }
         }
@@ -759,6 +764,10 @@ mod tests {
             (b"", AnswerError::NotJson),
             (b"[1]", AnswerError::NotJson),
             (b"{\"status\":\"OK\",\"data\":1} x", AnswerError::NotJson),
+            // A line has no `\n`; one taken for a blank would relay as two lines (found by
+            // scripts/fuzz.sh, target relay).
+            (b"\n{\"status\":\n\"OK\",\"data\":\"x\"\t}", AnswerError::NotJson),
+            (b"{\"status\":\"OK\",\"data\":[1,\n2],\"id\":3}", AnswerError::NotJson),
             (b"{\"status\":\"OK\",\"data\":1,\"id\":1,\"id\":2}", AnswerError::Duplicate),
             (b"{\"status\":\"OK\",\"status\":\"OK\",\"data\":1}", AnswerError::Duplicate),
             (b"{\"status\":\"OK\",\"data\":1,\"data\":2}", AnswerError::Duplicate),
