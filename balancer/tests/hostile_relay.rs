@@ -275,3 +275,45 @@ fn bad_bytes_in_data_fail_only_their_attempt_at_once() {
     say(&mut g.w, format!("{{\"status\":\"OK\",\"data\":\"\\u0000\",\"id\":{}}}", g.id).as_bytes());
     assert_eq!(c.recv_line().unwrap().unwrap(), "{\"status\":\"OK\",\"data\":\"\\u0000\",\"id\":\"g\"}\n");
 }
+
+#[test]
+fn ids_of_another_connection_to_the_same_proxy_deliver_nothing() {
+    let (proxy, rx) = puppet_proxy();
+    let balancer = balancer_for(proxy);
+    // More than one upstream connection carries (256): a second one opens. From several
+    // clients, each within its forwarding window.
+    let n = 300;
+    let mut clients: Vec<LineClient> = (0..30).map(|_| LineClient::connect(balancer.addr()).unwrap()).collect();
+    for (k, c) in clients.iter_mut().enumerate() {
+        c.set_timeout(Duration::from_secs(10)).unwrap();
+        let requests: String =
+            (k * 10..k * 10 + 10).map(|i| format!("{{\"op\":\"get\",\"key\":\"k/{i}\",\"id\":{i}}}\n")).collect();
+        c.send_raw(requests.as_bytes()).unwrap();
+    }
+    let gets: Vec<Got> = (0..n).map(|_| got(&rx)).collect();
+    let conn_of = |g: &Got| g.w.peer_addr().unwrap();
+    // A: the connection that carried the most (its ids reach past all of B's).
+    let mut peers: Vec<SocketAddr> = gets.iter().map(conn_of).collect();
+    peers.sort();
+    let busiest = *peers.iter().max_by_key(|p| peers.iter().filter(|q| q == p).count()).unwrap();
+    let (on_a, on_b): (Vec<&Got>, Vec<&Got>) = gets.iter().partition(|g| conn_of(g) == busiest);
+    assert!(!on_b.is_empty(), "a second connection carried some");
+    let b_ids: Vec<u64> = on_b.iter().map(|g| g.id).collect();
+    let foreign: Vec<&&Got> = on_a.iter().filter(|g| !b_ids.contains(&g.id)).collect();
+    assert!(!foreign.is_empty());
+    // The liar answers connection A's ids on connection B first, then everything for real.
+    let mut wb = on_b[0].w.try_clone().unwrap();
+    for g in &foreign {
+        say(&mut wb, format!("{{\"status\":\"OK\",\"data\":\"FORGED\",\"id\":{}}}", g.id).as_bytes());
+    }
+    for g in &gets {
+        let mut w = g.w.try_clone().unwrap();
+        say(&mut w, format!("{{\"status\":\"OK\",\"data\":\"{}\",\"id\":{}}}", g.key, g.id).as_bytes());
+    }
+    for c in &mut clients {
+        for _ in 0..n / 30 {
+            let v: Value = serde_json::from_str(&c.recv_line().unwrap().unwrap()).unwrap();
+            assert_eq!(v["data"].as_str().unwrap(), format!("k/{}", v["id"]), "{v}");
+        }
+    }
+}
