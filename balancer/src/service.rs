@@ -209,9 +209,14 @@ impl Balancer {
 
     /// Attempt `a` failed: count it, then retry elsewhere or give up.
     fn fail(&mut self, ctx: &mut Ctx<Timer>, a: Attempt, failure: Failure) {
+        self.core.note_failure(a.backend, failure);
+        self.retry(ctx, a, failure);
+    }
+
+    /// Attempt `a` failed (already counted against its proxy): retried or given up.
+    fn retry(&mut self, ctx: &mut Ctx<Timer>, a: Attempt, failure: Failure) {
         let b = &mut self.core.backends[a.backend];
         b.in_flight = b.in_flight.saturating_sub(1);
-        self.core.note_failure(a.backend, failure);
         let retries = self.core.config.retries;
         match self.core.requests.get_mut(a.request).map(|r| r.after_failure(failure, retries)) {
             Some(Next::Retry) => self.dispatch(ctx, a.request),
@@ -222,16 +227,21 @@ impl Balancer {
 
     /// Closes connection `conn`. Its GETs fail — except those sent on it after it idled, when
     /// it closed without a byte more: the proxy had closed it, which is no failure (SPEC 3.5),
-    /// and they go again on a new connection.
+    /// and they go again on a new connection. A lost connection counts as one failure of its
+    /// proxy however many GETs it carried (so `--fall` counts events, not requests).
     fn lose(&mut self, ctx: &mut Ctx<Timer>, conn: usize, failure: Failure) {
         let Some(link) = self.links.close(ctx.registry(), conn) else { return };
         self.core.backends[link.backend].pool.closed(conn);
         let received = link.up.received_bytes();
+        let mut counted = false;
         for a in self.core.book.conn_lost(conn) {
             let closed_while_idle =
                 matches!(failure, Failure::Closed | Failure::Reset) && a.reused_at == Some(received);
             if !closed_while_idle {
-                self.fail(ctx, a, failure);
+                if !std::mem::replace(&mut counted, true) {
+                    self.core.note_failure(a.backend, failure);
+                }
+                self.retry(ctx, a, failure);
                 continue;
             }
             self.core.counters.reopened += 1;

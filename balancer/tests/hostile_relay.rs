@@ -317,3 +317,38 @@ fn ids_of_another_connection_to_the_same_proxy_deliver_nothing() {
         }
     }
 }
+
+/// A lost connection is one failure of its proxy, however many GETs it carried: one
+/// over-long line on a link with ten GETs outstanding does not mark the proxy down (`--fall 3`).
+#[test]
+fn a_link_lost_with_many_gets_on_it_counts_one_failure() {
+    let (proxy, rx) = puppet_proxy();
+    let mut config = balancer::BalancerConfig::new(&[proxy]);
+    config.retries = 0;
+    config.request_timeout = Duration::from_secs(5);
+    config.try_timeout = Duration::from_secs(5);
+    let balancer = RunningServer::start(balancer::bind(config).unwrap());
+    let addr = balancer.addr();
+    assert!(wait_until(Duration::from_secs(5), || {
+        metrics(addr).unwrap()["proxies"][proxy.to_string()]["multiplexed"] == true
+    }));
+    let mut c = LineClient::connect(addr).unwrap();
+    let gets: String = (0..10).map(|k| format!("GET k/{k}\n")).collect();
+    c.send_raw(gets.as_bytes()).unwrap();
+    let mut held: Vec<Got> = (0..10).map(|_| got(&rx)).collect();
+    // 17 MiB without a newline: past the longest answer the balancer reads, so the link's
+    // framing is lost and it is closed.
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..17 {
+        if held[0].w.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    for _ in 0..10 {
+        assert_eq!(c.recv().unwrap()["status"], "PROXY_UNREACHABLE");
+    }
+    let state = &metrics(addr).unwrap()["proxies"][proxy.to_string()];
+    assert_eq!(state["failures"], 1, "{state}");
+    assert_eq!(state["healthy"], true, "{state}");
+    held.clear();
+}
