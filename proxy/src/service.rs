@@ -170,13 +170,13 @@ impl Proxy {
             }
             return self.core.fetches.set_parked(self.core.windows.parked());
         }
-        while let Some(Parked { key, waiter }) = self.core.windows.unpark(client, ctx.has_room(client)) {
+        while let Some(Parked { key, waiter }) = self.core.windows.unpark(client, ctx.may_forward(client)) {
             if !self.core.answer_from_cache(ctx, &key, &waiter) {
                 self.miss(ctx, &key, waiter);
             }
         }
         self.core.fetches.set_parked(self.core.windows.parked());
-        if self.core.windows.has_parked(client) && !ctx.has_room(client) {
+        if self.core.windows.has_parked(client) && !ctx.may_forward(client) {
             ctx.notify_room(client);
         }
     }
