@@ -58,6 +58,85 @@ fn routed(balancer: SocketAddr) -> (u64, u64) {
     (m["current_index"].as_u64().unwrap(), m["in_flight"].as_u64().unwrap())
 }
 
+/// SPEC 3.8: connections whose windows learned from tiny answers (and so opened wide) then
+/// pipeline huge GETs and stop reading must not make the balancer hold all of them: about
+/// the output limit plus one answer each. Before the fix the balancer held all 4 × 32 (and
+/// 64 × 8 MiB = 512 MiB per connection at the maximum window); now an answer that lands on
+/// a full output is asked for again once it drains. Every answer still arrives, those
+/// without ids in order, those with ids with their ids.
+#[test]
+fn huge_answers_after_tiny_ones_pin_one_answer_not_the_window() {
+    let dir = data_dir();
+    let (_origin, _proxy, balancer) = cluster(&dir);
+    let addr = balancer.addr();
+    assert!(wait_until(Duration::from_secs(10), || metrics(addr)
+        .is_ok_and(|m| m["proxies"].as_object().is_some_and(|p| p.values().all(|p| p["multiplexed"] == true)))));
+
+    // Warm the proxy's cache, one big value at a time, so the big GETs are hits.
+    let mut warm = BufReader::new(TcpStream::connect(addr).unwrap());
+    for i in 0..CLIENTS * BIG {
+        warm.get_mut().write_all(format!("GET synthetic/{i}\n").as_bytes()).unwrap();
+        assert_eq!(read_answers(&mut warm, 1)[0]["status"], "OK");
+    }
+    drop(warm);
+
+    let mut clients: Vec<BufReader<TcpStream>> = (0..CLIENTS)
+        .map(|_| {
+            let stream = TcpStream::connect(addr).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            BufReader::new(stream)
+        })
+        .collect();
+    // Train each window: tiny answers open it to its maximum.
+    let tiny: String = (0..TINY).map(|i| format!("GET tiny/{i}\n")).collect();
+    for reader in &mut clients {
+        reader.get_mut().write_all(tiny.as_bytes()).unwrap();
+        for (i, answer) in read_answers(reader, TINY).iter().enumerate() {
+            assert_eq!(answer["data"], i, "tiny answer {i}");
+        }
+    }
+
+    let (routed_before, _) = routed(addr);
+    let rss_before = rss_kib(balancer.pid()).unwrap();
+    // Huge GETs, every other one with an id, and no reading.
+    for (c, reader) in clients.iter_mut().enumerate() {
+        let big: String = (0..BIG)
+            .map(|i| match i % 2 {
+                0 => format!("GET synthetic/{}\n", c * BIG + i),
+                _ => format!("{{\"op\":\"get\",\"key\":\"synthetic/{}\",\"id\":{i}}}\n", c * BIG + i),
+            })
+            .collect();
+        reader.get_mut().write_all(big.as_bytes()).unwrap();
+    }
+    let settled = wait_until(Duration::from_secs(30), || {
+        let (now, in_flight) = routed(addr);
+        now >= routed_before + (CLIENTS * BIG) as u64 && in_flight == 0
+    });
+    assert!(settled, "every big GET routed and answered or parked");
+    let growth_mib = rss_kib(balancer.pid()).unwrap().saturating_sub(rss_before) / 1024;
+    // Measured: 286 MiB without the fix (every answer held), 110 MiB with it (a few answers
+    // per client, each a view of the upstream input buffer it was read into, up to 16 MiB).
+    assert!(growth_mib < 176, "the balancer grew by {growth_mib} MiB for {CLIENTS} connections");
+
+    // Now they read: all of them, in order (those with ids too, with their ids).
+    for (c, reader) in clients.iter_mut().enumerate() {
+        let mut in_order = Vec::new();
+        for answer in read_answers(reader, BIG) {
+            assert_eq!(answer["status"], "OK");
+            let key = answer["data"]["key"].as_str().unwrap();
+            let i = key.strip_prefix("synthetic/").unwrap().parse::<usize>().unwrap() - c * BIG;
+            assert!(answer["data"]["value"].as_str().unwrap().len() > BIG_BYTES / 2);
+            match answer.get("id") {
+                Some(id) => assert_eq!(id, i, "the id of {key}"),
+                None => in_order.push(i),
+            }
+        }
+        assert_eq!(in_order, (0..BIG).step_by(2).collect::<Vec<_>>(), "answers without ids in order");
+    }
+    assert!(wait_until(Duration::from_secs(5), || metrics(addr)
+        .is_ok_and(|m| m["in_flight"] == 0 && m["waiting_for_room"] == 0)));
+}
+
 /// A delayed GET (`--latency-ms`) followed by enough pipelined METRICS that their answers,
 /// waiting behind the GET's, pass the output bound: the origin parked the GET's answer until
 /// the client had room, and the room never came, since what was counted waited for that very

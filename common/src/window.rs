@@ -114,6 +114,35 @@ impl<P> Windows<P> {
         self.parked += 1;
     }
 
+    /// Answers up to this size are always delivered; a longer one that lands on a connection
+    /// already over its bound is sent for again later instead (see [`Windows::refetch`]), so
+    /// a wrong guess costs at most [`MAX_WINDOW`] of these beyond the output limit.
+    pub fn small_answer(&self) -> usize {
+        self.limit / MAX_WINDOW
+    }
+
+    /// A forwarded request of `client` came back with a long answer (`bytes`) while its
+    /// output was over its bound: the answer is dropped and the request goes first among
+    /// the parked ones, to be sent again once the client drains (SPEC 3.8: memory per
+    /// connection stays about the output limit plus one answer, however wrong the window's
+    /// guess was — tiny answers first, then a pipeline of huge ones).
+    /// `before(request, parked)`: whether it must go before that parked request (its answer
+    /// is due earlier), so that the answer others wait behind is always asked for first.
+    pub fn refetch(&mut self, client: ClientId, bytes: usize, request: P, before: impl Fn(&P, &P) -> bool) {
+        self.answered(client, bytes);
+        let Some(c) = self.live(client) else {
+            self.orphans.push(request);
+            return;
+        };
+        let at = c.parked.iter().position(|p| before(&request, p)).unwrap_or(c.parked.len());
+        c.parked.insert(at, request);
+        if !c.resuming {
+            c.resuming = true;
+            self.resume.push(client);
+        }
+        self.parked += 1;
+    }
+
     /// One forwarded request of `client` is answered, with `bytes` (0 when it failed).
     pub fn answered(&mut self, client: ClientId, bytes: usize) {
         let Some(c) = self.live(client) else { return };
@@ -227,6 +256,26 @@ mod tests {
             open += 1;
         }
         assert_eq!(open, MAX_WINDOW);
+    }
+
+    #[test]
+    fn a_refetched_request_goes_first_and_the_guess_grows() {
+        let mut w = Windows::new(LIMIT);
+        let c = ClientId::for_test(4, 1);
+        assert!(w.try_forward(c, true));
+        assert!(w.try_forward(c, true));
+        w.park(c, 3);
+        w.refetch(c, LIMIT * 4, 2, |a, b| a < b);
+        w.refetch(c, LIMIT * 4, 1, |a, b| a < b);
+        assert_eq!(w.parked(), 3);
+        assert_eq!(w.next_resumable(), Some(c));
+        assert_eq!(w.unpark(c, false), None, "over its bound");
+        // Nothing in flight now: one goes, the one due first.
+        assert_eq!(w.unpark(c, true), Some(1));
+        assert_eq!(w.unpark(c, true), None, "a huge answer is on its way");
+        let gone = ClientId::for_test(5, 1);
+        w.refetch(gone, 10, 7, |_, _| true);
+        assert_eq!(w.take_orphan(), Some(7), "a client never seen: dropped by the service");
     }
 
     #[test]
