@@ -33,14 +33,8 @@ pub struct Parked {
     pub key: String,
 }
 
-/// Whether `a`'s answer is due before `b`'s: an answer without an id before any later one
-/// (answers with ids wait for nobody, so they go last).
 fn due_before(a: &Parked, b: &Parked) -> bool {
-    match (a.waiter.ticket.order(), b.waiter.ticket.order()) {
-        (Some(a), Some(b)) => a < b,
-        (Some(_), None) => true,
-        (None, _) => false,
-    }
+    common::window::due_before(a.waiter.ticket.order(), b.waiter.ticket.order())
 }
 
 pub struct InFlight {

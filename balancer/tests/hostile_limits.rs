@@ -156,3 +156,66 @@ fn answers_waiting_behind_a_delayed_one_do_not_hang_the_origin() {
     assert_eq!(answers[0]["data"], 1);
     assert!(answers[1..].iter().all(|a| a["data"]["role"] == "origin"));
 }
+
+/// The same at a proxy, for misses: with `--max-bytes 16 MiB` the cache keeps few of the
+/// values, but each answer that landed on a full output kept its value alive: 3 clients that
+/// pipelined 32 misses of 2 MiB values after tiny ones and stopped reading grew the proxy by
+/// ~200 MiB (measured with 4 MiB values: 271, 571, 827 MiB after each of 3 clients); now
+/// such an answer is made again once the client drains (from the cache or a new fetch).
+#[test]
+fn a_proxy_pins_about_one_answer_per_connection_on_misses_too() {
+    let dir = data_dir();
+    let (keys, bytes) = ((CLIENTS * BIG).to_string(), BIG_BYTES.to_string());
+    let args = ["--port", "0", "--data-dir", dir.to_str().unwrap(), "--synthetic-keys", &keys, "--value-bytes", &bytes];
+    let origin = ChildService::spawn(&bin("origin"), &args).unwrap();
+    let origin_port = origin.addr().port().to_string();
+    let proxy_args = ["--port", "0", "--origin-port", &origin_port, "--cache-type", "lru", "--max-bytes", "16777216"];
+    let proxy = ChildService::spawn(&bin("proxy"), &proxy_args).unwrap();
+    let addr = proxy.addr();
+    let rss_before = rss_kib(proxy.pid()).unwrap();
+    let mut clients = Vec::new();
+    for c in 0..3 {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut reader = BufReader::new(stream);
+        let tiny: String = (0..TINY).map(|i| format!("GET tiny/{i}\n")).collect();
+        reader.get_mut().write_all(tiny.as_bytes()).unwrap();
+        assert_eq!(read_answers(&mut reader, TINY).len(), TINY);
+        let big: String = (0..BIG)
+            .map(|i| match i % 2 {
+                0 => format!("GET synthetic/{}\n", c * BIG + i),
+                _ => format!("{{\"op\":\"get\",\"key\":\"synthetic/{}\",\"id\":{i}}}\n", c * BIG + i),
+            })
+            .collect();
+        reader.get_mut().write_all(big.as_bytes()).unwrap();
+        let fetched = ((c + 1) * BIG) as u64;
+        let settled = wait_until(Duration::from_secs(30), || {
+            metrics(addr).is_ok_and(|m| {
+                m["origin_fetches"].as_u64().unwrap() >= fetched + (c as u64 + 1) * TINY as u64
+                    && m["fetches_running"] == 0
+            })
+        });
+        assert!(settled, "client {c}: its misses fetched");
+        clients.push(reader);
+    }
+    let growth_mib = rss_kib(proxy.pid()).unwrap().saturating_sub(rss_before) / 1024;
+    // Measured: ~200 MiB without the fix; 40-70 MiB with it (the fetches' buffers).
+    assert!(growth_mib < 120, "the proxy grew by {growth_mib} MiB for 3 connections");
+    for (c, reader) in clients.iter_mut().enumerate() {
+        let mut in_order = Vec::new();
+        for answer in read_answers(reader, BIG) {
+            assert_eq!(answer["status"], "OK");
+            let key = answer["data"]["key"].as_str().unwrap();
+            let i = key.strip_prefix("synthetic/").unwrap().parse::<usize>().unwrap() - c * BIG;
+            match answer.get("id") {
+                Some(id) => assert_eq!(id, i, "the id of {key}"),
+                None => in_order.push(i),
+            }
+        }
+        assert_eq!(in_order, (0..BIG).step_by(2).collect::<Vec<_>>(), "answers without ids in order");
+    }
+    let m = metrics(addr).unwrap();
+    assert_eq!(m["waiting_for_room"], 0);
+    let (hits, misses) = (m["hits"].as_u64().unwrap(), m["misses"].as_u64().unwrap());
+    assert_eq!(hits + misses, (3 * (TINY + BIG)) as u64, "each GET one hit or one miss");
+}

@@ -47,6 +47,17 @@ impl<P> Conn<P> {
     }
 }
 
+/// For [`Windows::refetch`]: whether an answer in place `a` (`Ticket::order`) is due before
+/// one in place `b`: one without an id before any later one; those with ids wait for nobody,
+/// so they go last.
+pub fn due_before(a: Option<u64>, b: Option<u64>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a < b,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
 /// The windows of every client connection; `P` is a parked request.
 #[derive(Debug)]
 pub struct Windows<P> {

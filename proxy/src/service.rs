@@ -213,6 +213,7 @@ impl Proxy {
     /// Ends a fetch and starts queued ones in the freed slots.
     fn finish(&mut self, ctx: &mut Ctx<Timer>, fetch: FetchId, outcome: Outcome<'_>) {
         self.core.finish(ctx, fetch, outcome);
+        self.core.fetches.set_parked(self.core.windows.parked());
         self.start_queued(ctx);
     }
 
@@ -366,6 +367,21 @@ impl Core {
             _ => 0,
         };
         for waiter in f.waiters {
+            if big.is_some_and(|(_, stale, _)| !stale) && !ctx.may_take(&waiter.ticket) {
+                // Its window guessed too small (tiny answers, then huge ones pipelined): this
+                // answer would sit on top of a full output and pin the value, cached or not.
+                // It is answered once the client drains, from the cache or a fetch (counted
+                // then, as a hit or a miss), so a connection pins about its output limit plus
+                // one answer (SPEC 3.8).
+                self.counters.misses = self.counters.misses.saturating_sub(1);
+                let client = waiter.ticket.client();
+                let parked = Parked { key: key.into(), waiter };
+                self.windows.refetch(client, bytes, parked, |a, b| {
+                    common::window::due_before(a.waiter.ticket.order(), b.waiter.ticket.order())
+                });
+                ctx.notify_room(client);
+                continue;
+            }
             self.windows.answered(waiter.ticket.client(), bytes);
             let id = waiter.id.as_deref().and_then(Id::from_raw_json);
             if let Some((value, stale, negative)) = big {
