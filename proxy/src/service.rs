@@ -366,15 +366,18 @@ impl Core {
             (Outcome::Value(value), _) => value.len(),
             _ => 0,
         };
+        // The client the value last went to: its next coalesced answers share those bytes.
+        let mut holder = None;
         for waiter in f.waiters {
-            if big.is_some_and(|(_, stale, _)| !stale) && !ctx.may_take(&waiter.ticket) {
+            let client = waiter.ticket.client();
+            let holds = holder == Some(client);
+            if big.is_some_and(|(_, stale, _)| !stale) && !holds && !ctx.may_take(&waiter.ticket) {
                 // Its window guessed too small (tiny answers, then huge ones pipelined): this
                 // answer would sit on top of a full output and pin the value, cached or not.
                 // It is answered once the client drains, from the cache or a fetch (counted
                 // then, as a hit or a miss), so a connection pins about its output limit plus
                 // one answer (SPEC 3.8).
                 self.counters.misses = self.counters.misses.saturating_sub(1);
-                let client = waiter.ticket.client();
                 let parked = Parked { key: key.into(), waiter };
                 self.windows.refetch(client, bytes, parked, |a, b| {
                     common::window::due_before(a.waiter.ticket.order(), b.waiter.ticket.order())
@@ -394,6 +397,7 @@ impl Core {
                 let (head, tail) = self.scratch.split_at(head);
                 ctx.complete_shared(waiter.ticket, head, value, tail);
                 self.latency_us.record(waiter.received.elapsed());
+                holder = Some(client);
                 continue;
             }
             ctx.complete(waiter.ticket, |out| match (&outcome, stale) {
