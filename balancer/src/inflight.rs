@@ -33,6 +33,10 @@ pub struct Parked {
     pub key: KeyBuf,
 }
 
+fn due_before(a: &Parked, b: &Parked) -> bool {
+    common::window::due_before(a.waiter.ticket.order(), b.waiter.ticket.order())
+}
+
 pub struct InFlight {
     pub config: BalancerConfig,
     pub backends: Vec<Backend>,
@@ -158,6 +162,18 @@ impl InFlight {
             b.health.record_success();
         }
         let Some(r) = self.requests.try_remove(attempt.request) else { return Ok(None) };
+        let client = r.leader.ticket.client();
+        if r.followers.is_empty() && line.len() > self.windows.small_answer() && !ctx.may_take(&r.leader.ticket) {
+            // The window guessed too small (tiny answers, then huge ones pipelined): this
+            // one would sit on top of a full output. It is asked for again once the client
+            // drains, so a connection pins about its output limit plus one answer (SPEC 3.8).
+            self.collapser.finished(r.key_hash, attempt.request);
+            self.counters.refetched += 1;
+            let parked = Parked { waiter: r.leader, key: r.key };
+            self.windows.refetch(client, line.len(), parked, due_before);
+            ctx.notify_room(client);
+            return Ok(None);
+        }
         // A long answer goes out from the buffer it was read into: only the tail with the
         // client's id is written anew (the proxy puts its id last, so nothing follows it).
         let (head, rest) = answer.body();

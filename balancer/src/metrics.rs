@@ -45,6 +45,9 @@ pub struct Counters {
     /// GETs sent again on a new connection because a reused one was found closed (not
     /// failures, not retries).
     pub reopened: u64,
+    /// Long answers dropped because their client's output was full, asked for again once it
+    /// drained (SPEC 3.8).
+    pub refetched: u64,
     /// SIGHUP reloads that changed the set, and those refused (SPEC 7).
     pub reloads: u64,
     pub reloads_failed: u64,
@@ -61,6 +64,8 @@ pub struct MetricsData<'a> {
     /// GETs that joined an identical GET already in flight instead of going upstream.
     pub collapsed: u64,
     pub reopened: u64,
+    /// Long answers that landed on a full output and were asked for again later.
+    pub refetched: u64,
     pub reloads: u64,
     pub reloads_failed: u64,
     pub in_flight: usize,
@@ -111,6 +116,7 @@ impl<'a> MetricsData<'a> {
             retries: counters.retries,
             collapsed: counters.collapsed,
             reopened: counters.reopened,
+            refetched: counters.refetched,
             reloads: counters.reloads,
             reloads_failed: counters.reloads_failed,
             in_flight,

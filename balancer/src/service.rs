@@ -140,10 +140,10 @@ impl Balancer {
             }
             return;
         }
-        while let Some(Parked { waiter, key }) = self.core.windows.unpark(client, ctx.has_room(client)) {
+        while let Some(Parked { waiter, key }) = self.core.windows.unpark(client, ctx.may_forward(client)) {
             self.route(ctx, waiter, key);
         }
-        if self.core.windows.has_parked(client) && !ctx.has_room(client) {
+        if self.core.windows.has_parked(client) && !ctx.may_forward(client) {
             ctx.notify_room(client);
         }
     }

@@ -160,6 +160,11 @@ impl Ticket {
     pub fn client(&self) -> ClientId {
         self.client
     }
+
+    /// Where its answer goes among the client's answers without an id (`None`: it has one).
+    pub fn order(&self) -> Option<u64> {
+        self.slot
+    }
 }
 
 /// What a service implements to run on this loop.
@@ -437,6 +442,27 @@ impl<T> Ctx<T> {
     /// overshoot it by more than that answer. True for a client that has gone.
     pub fn has_room(&self, client: ClientId) -> bool {
         self.live_index(client).is_none_or(|index| self.clients[index].out.counted() <= self.config.output_limit)
+    }
+
+    /// Whether `client` may have one more request forwarded: it has room, or nothing it can
+    /// be written is queued (what is counted waits behind answers not made yet, so waiting
+    /// for room would wait forever).
+    pub fn may_forward(&self, client: ClientId) -> bool {
+        self.live_index(client).is_none_or(|index| {
+            let out = &self.clients[index].out;
+            out.counted() <= self.config.output_limit || out.is_empty()
+        })
+    }
+
+    /// Whether the answer for `ticket` may be made now without taking its client past its
+    /// bound by more than this answer: the client has room, or the answer would be written
+    /// at once (it has an id or is the next one due) and nothing else is queued.
+    pub fn may_take(&self, ticket: &Ticket) -> bool {
+        self.live_index(ticket.client).is_none_or(|index| {
+            let c = &self.clients[index];
+            c.out.counted() <= self.config.output_limit
+                || (c.out.is_empty() && ticket.slot.is_none_or(|slot| slot == c.head_slot))
+        })
     }
 
     /// Asks for [`Service::on_room`] once `client` has room for output again (or has gone).
@@ -1101,7 +1127,7 @@ impl<S: Service> Server<S> {
                     return self.close(index);
                 }
             }
-            if c.wants_room && c.out.counted() <= config.output_limit {
+            if c.wants_room && (c.out.counted() <= config.output_limit || c.out.is_empty()) {
                 c.wants_room = false;
                 let id = ClientId { index, serial: c.serial };
                 self.service.on_room(&mut self.ctx, id);

@@ -47,6 +47,17 @@ impl<P> Conn<P> {
     }
 }
 
+/// For [`Windows::refetch`]: whether an answer in place `a` (`Ticket::order`) is due before
+/// one in place `b`: one without an id before any later one; those with ids wait for nobody,
+/// so they go last.
+pub fn due_before(a: Option<u64>, b: Option<u64>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a < b,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
 /// The windows of every client connection; `P` is a parked request.
 #[derive(Debug)]
 pub struct Windows<P> {
@@ -108,6 +119,35 @@ impl<P> Windows<P> {
         let idle = c.forwarded == 0 && !c.resuming;
         if idle {
             // Nothing in flight will reopen it: look again at the end of the turn.
+            c.resuming = true;
+            self.resume.push(client);
+        }
+        self.parked += 1;
+    }
+
+    /// Answers up to this size are always delivered; a longer one that lands on a connection
+    /// already over its bound is sent for again later instead (see [`Windows::refetch`]), so
+    /// a wrong guess costs at most [`MAX_WINDOW`] of these beyond the output limit.
+    pub fn small_answer(&self) -> usize {
+        self.limit / MAX_WINDOW
+    }
+
+    /// A forwarded request of `client` came back with a long answer (`bytes`) while its
+    /// output was over its bound: the answer is dropped and the request goes first among
+    /// the parked ones, to be sent again once the client drains (SPEC 3.8: memory per
+    /// connection stays about the output limit plus one answer, however wrong the window's
+    /// guess was — tiny answers first, then a pipeline of huge ones).
+    /// `before(request, parked)`: whether it must go before that parked request (its answer
+    /// is due earlier), so that the answer others wait behind is always asked for first.
+    pub fn refetch(&mut self, client: ClientId, bytes: usize, request: P, before: impl Fn(&P, &P) -> bool) {
+        self.answered(client, bytes);
+        let Some(c) = self.live(client) else {
+            self.orphans.push(request);
+            return;
+        };
+        let at = c.parked.iter().position(|p| before(&request, p)).unwrap_or(c.parked.len());
+        c.parked.insert(at, request);
+        if !c.resuming {
             c.resuming = true;
             self.resume.push(client);
         }
@@ -227,6 +267,26 @@ mod tests {
             open += 1;
         }
         assert_eq!(open, MAX_WINDOW);
+    }
+
+    #[test]
+    fn a_refetched_request_goes_first_and_the_guess_grows() {
+        let mut w = Windows::new(LIMIT);
+        let c = ClientId::for_test(4, 1);
+        assert!(w.try_forward(c, true));
+        assert!(w.try_forward(c, true));
+        w.park(c, 3);
+        w.refetch(c, LIMIT * 4, 2, |a, b| a < b);
+        w.refetch(c, LIMIT * 4, 1, |a, b| a < b);
+        assert_eq!(w.parked(), 3);
+        assert_eq!(w.next_resumable(), Some(c));
+        assert_eq!(w.unpark(c, false), None, "over its bound");
+        // Nothing in flight now: one goes, the one due first.
+        assert_eq!(w.unpark(c, true), Some(1));
+        assert_eq!(w.unpark(c, true), None, "a huge answer is on its way");
+        let gone = ClientId::for_test(5, 1);
+        w.refetch(gone, 10, 7, |_, _| true);
+        assert_eq!(w.take_orphan(), Some(7), "a client never seen: dropped by the service");
     }
 
     #[test]

@@ -170,7 +170,7 @@ impl Service for Origin {
             // Behind others already waiting for room: keep their order.
             return queue.push_back(delayed);
         }
-        if ctx.has_room(client) {
+        if ctx.may_forward(client) {
             return self.answer_delayed(ctx, delayed);
         }
         self.parked.entry(client).or_default().push_back(delayed);
@@ -182,7 +182,8 @@ impl Service for Origin {
         if !ctx.is_connected(client) {
             return;
         }
-        while ctx.has_room(client) {
+        // `may_forward`: also when all that is counted waits behind this very answer.
+        while ctx.may_forward(client) {
             let Some(delayed) = queue.pop_front() else { return };
             self.answer_delayed(ctx, delayed);
         }

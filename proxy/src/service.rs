@@ -170,13 +170,13 @@ impl Proxy {
             }
             return self.core.fetches.set_parked(self.core.windows.parked());
         }
-        while let Some(Parked { key, waiter }) = self.core.windows.unpark(client, ctx.has_room(client)) {
+        while let Some(Parked { key, waiter }) = self.core.windows.unpark(client, ctx.may_forward(client)) {
             if !self.core.answer_from_cache(ctx, &key, &waiter) {
                 self.miss(ctx, &key, waiter);
             }
         }
         self.core.fetches.set_parked(self.core.windows.parked());
-        if self.core.windows.has_parked(client) && !ctx.has_room(client) {
+        if self.core.windows.has_parked(client) && !ctx.may_forward(client) {
             ctx.notify_room(client);
         }
     }
@@ -213,6 +213,7 @@ impl Proxy {
     /// Ends a fetch and starts queued ones in the freed slots.
     fn finish(&mut self, ctx: &mut Ctx<Timer>, fetch: FetchId, outcome: Outcome<'_>) {
         self.core.finish(ctx, fetch, outcome);
+        self.core.fetches.set_parked(self.core.windows.parked());
         self.start_queued(ctx);
     }
 
@@ -365,7 +366,25 @@ impl Core {
             (Outcome::Value(value), _) => value.len(),
             _ => 0,
         };
+        // The client the value last went to: its next coalesced answers share those bytes.
+        let mut holder = None;
         for waiter in f.waiters {
+            let client = waiter.ticket.client();
+            let holds = holder == Some(client);
+            if big.is_some_and(|(_, stale, _)| !stale) && !holds && !ctx.may_take(&waiter.ticket) {
+                // Its window guessed too small (tiny answers, then huge ones pipelined): this
+                // answer would sit on top of a full output and pin the value, cached or not.
+                // It is answered once the client drains, from the cache or a fetch (counted
+                // then, as a hit or a miss), so a connection pins about its output limit plus
+                // one answer (SPEC 3.8).
+                self.counters.misses = self.counters.misses.saturating_sub(1);
+                let parked = Parked { key: key.into(), waiter };
+                self.windows.refetch(client, bytes, parked, |a, b| {
+                    common::window::due_before(a.waiter.ticket.order(), b.waiter.ticket.order())
+                });
+                ctx.notify_room(client);
+                continue;
+            }
             self.windows.answered(waiter.ticket.client(), bytes);
             let id = waiter.id.as_deref().and_then(Id::from_raw_json);
             if let Some((value, stale, negative)) = big {
@@ -378,6 +397,7 @@ impl Core {
                 let (head, tail) = self.scratch.split_at(head);
                 ctx.complete_shared(waiter.ticket, head, value, tail);
                 self.latency_us.record(waiter.received.elapsed());
+                holder = Some(client);
                 continue;
             }
             ctx.complete(waiter.ticket, |out| match (&outcome, stale) {
