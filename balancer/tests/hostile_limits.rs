@@ -39,7 +39,14 @@ fn cluster(dir: &std::path::Path) -> (ChildService, ChildService, ChildService) 
         ChildService::spawn(&bin("proxy"), &["--port", "0", "--origin-port", &origin_port, "--cache-type", "lru"])
             .unwrap();
     let proxy_addr = proxy.addr().to_string();
-    let balancer = ChildService::spawn(&bin("balancer"), &["--port", "0", "--proxies", &proxy_addr]).unwrap();
+    // Generous time-outs: this test is about memory, and debug builds on a loaded machine
+    // take seconds to move 256 MiB of answers through one proxy (seen: the proxy marked down
+    // for a time-out, then the GETs failing with PROXY_UNREACHABLE).
+    let balancer = ChildService::spawn(
+        &bin("balancer"),
+        &["--port", "0", "--proxies", &proxy_addr, "--request-timeout-ms", "30000", "--health-timeout-ms", "5000"],
+    )
+    .unwrap();
     (origin, proxy, balancer)
 }
 
