@@ -212,7 +212,12 @@ impl Output {
                     slices[count] = IoSlice::new(bytes);
                     count += 1;
                 }
-                writer.write_vectored(&slices[..count])
+                // One piece (the hit path: one small answer) goes out with a plain write,
+                // which costs the kernel less than a vector of one.
+                match &slices[..count] {
+                    [one] => writer.write(one),
+                    many => writer.write_vectored(many),
+                }
             };
             match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
