@@ -230,8 +230,28 @@ impl Output {
                 Err(e) => return Err(e),
             }
         }
+        self.unpin_front();
         self.compact();
         Ok(written)
+    }
+
+    /// A reader too slow to take a whole relayed answer leaves its rest queued as a view of
+    /// the (much bigger) input buffer it was read into; that rest is copied out, once, so the
+    /// connection pins what it owes and not the buffer (SPEC 3.8).
+    fn unpin_front(&mut self) {
+        let Some(Seg::Shared(body)) = self.segs.front() else { return };
+        let rest = body.len().saturating_sub(self.front_done);
+        let only_view = self.shared.get(&body.buffer_key()) == Some(&1);
+        if !only_view || body.footprint() / 2 <= rest {
+            return;
+        }
+        let kept = SharedBytes::from(body.get(self.front_done..).unwrap_or_default());
+        if let Some(Seg::Shared(old)) = self.segs.pop_front() {
+            self.release(&old);
+        }
+        self.retain(&kept);
+        self.segs.push_front(Seg::Shared(kept));
+        self.front_done = 0;
     }
 
     /// Takes `n` written bytes off the front.
@@ -281,6 +301,29 @@ mod tests {
     use super::*;
 
     use crate::framing::tests::Trickle;
+
+    #[test]
+    fn a_relayed_answer_left_half_written_stops_pinning_its_input_buffer() {
+        // A 1 MiB answer, a view of a 16 MiB input buffer (as the balancer relays it).
+        let mut buffer = vec![b'i'; 16 << 20];
+        buffer[1000..1000 + (1 << 20)].fill(b'v');
+        let buffer = std::sync::Arc::new(buffer);
+        let body = SharedBytes::of_part(&buffer, &buffer[1000..1000 + (1 << 20)]).unwrap();
+        drop(buffer);
+        let mut out = Output::new();
+        out.append_shared(b"", &body, b"\n");
+        drop(body);
+        assert!(out.counted() >= 16 << 20, "the whole buffer counts while it is held");
+        let mut w = Trickle { taken: Vec::new(), per_call: 64 << 10, budget: 256 << 10 };
+        out.flush_to(&mut w).unwrap();
+        assert!(out.counted() <= (1 << 20) + 1, "after a partial write: {} counted", out.counted());
+        w.budget = usize::MAX;
+        while !out.is_empty() {
+            out.flush_to(&mut w).unwrap();
+        }
+        assert_eq!(w.taken.len(), (1 << 20) + 1);
+        assert!(w.taken[..1 << 20].iter().all(|b| *b == b'v') && w.taken.ends_with(b"\n"));
+    }
 
     #[test]
     fn owned_and_shared_bytes_leave_in_order_through_partial_writes() {
