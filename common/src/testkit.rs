@@ -94,8 +94,15 @@ impl LineClient {
             match self.reader.read(&mut sink) {
                 Ok(0) => return true,
                 Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
-                Err(_) => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted) => {
+                    return true
+                }
+                Err(e) => {
+                    // Said, so that a failure shows what the socket reported.
+                    eprintln!("is_closed_by_peer: {e} ({:?})", e.kind());
+                    return false;
+                }
             }
         }
     }
