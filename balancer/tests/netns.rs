@@ -118,6 +118,23 @@ fn proxy_healthy(hosts: &Hosts, proxy: &str) -> Option<bool> {
     balancer_metrics(hosts)?["proxies"][proxy]["healthy"].as_bool()
 }
 
+/// `client bench` for 8 s from the client's host against the balancer, on its own thread;
+/// joins to the bench's JSON summary.
+fn bench_from_client_host(hosts: &Hosts) -> thread::JoinHandle<Value> {
+    let client = workspace_bin("client").unwrap();
+    let client_ns = hosts.ns("cl");
+    thread::spawn(move || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &client_ns])
+            .arg(client)
+            .args(["--host", &format!("{SUBNET}.10"), "--port", "9000", "bench", "--connections", "4"])
+            .args(["--duration", "8", "--warmup", "0", "--keys", "100", "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    })
+}
+
 #[test]
 fn a_proxy_cut_off_the_network_under_load_fails_no_request() {
     let mut hosts = match network("a") {
@@ -188,18 +205,7 @@ fn a_proxy_cut_off_the_network_under_load_fails_no_request() {
     assert!(wait_until(Duration::from_secs(10), || proxy_healthy(&hosts, &victim) == Some(true)));
 
     // Load from the client's host, for a fixed time.
-    let client = workspace_bin("client").unwrap();
-    let client_ns = hosts.ns("cl");
-    let load = thread::spawn(move || {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &client_ns])
-            .arg(client)
-            .args(["--host", &format!("{SUBNET}.10"), "--port", "9000", "bench", "--connections", "4"])
-            .args(["--duration", "8", "--warmup", "0", "--keys", "100", "--json"])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    });
+    let load = bench_from_client_host(&hosts);
     thread::sleep(Duration::from_secs(2)); // the load runs a while before the cut
     hosts.set_port("p-proxy1", false);
     let cut = Instant::now();
@@ -371,18 +377,7 @@ fn proxies_behind_a_dns_name_join_and_leave_under_load() {
     let m = balancer_metrics(&hosts).unwrap();
     assert_eq!(m["proxies"][&upstreams[0]]["name"], NAME, "{m}");
 
-    let client = workspace_bin("client").unwrap();
-    let client_ns = hosts.ns("cl");
-    let load = thread::spawn(move || {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &client_ns])
-            .arg(client)
-            .args(["--host", &format!("{SUBNET}.10"), "--port", "9000", "bench", "--connections", "4"])
-            .args(["--duration", "8", "--warmup", "0", "--keys", "100", "--json"])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    });
+    let load = bench_from_client_host(&hosts);
     thread::sleep(Duration::from_secs(2)); // the load runs a while on three proxies
 
     // A fourth host joins the name: it serves after the next lookup.
