@@ -154,6 +154,8 @@ struct Conn {
 
 /// The admin listener and its connections.
 pub(crate) struct Admin {
+    /// Its own handle on the loop's poll, for its sockets.
+    registry: Registry,
     listener: TcpListener,
     addr: SocketAddr,
     conns: Slab<Conn>,
@@ -285,6 +287,7 @@ impl Admin {
         let addr = listener.local_addr()?;
         registry.register(&mut listener, LISTENER, Interest::READABLE)?;
         Ok(Admin {
+            registry: registry.try_clone()?,
             listener,
             addr,
             conns: Slab::new(),
@@ -306,7 +309,7 @@ impl Admin {
         !self.again.is_empty() || self.accept_again
     }
 
-    pub(crate) fn accept_all(&mut self, registry: &Registry, now: Instant) {
+    pub(crate) fn accept_all(&mut self, now: Instant) {
         self.accept_again = false;
         for _ in 0..ACCEPT_BUDGET {
             match self.listener.accept() {
@@ -319,7 +322,7 @@ impl Admin {
                     }
                     let entry = self.conns.vacant_entry();
                     let token = Token(CONN_BASE + entry.key());
-                    if registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_err() {
+                    if self.registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_err() {
                         continue;
                     }
                     entry.insert(Conn {
@@ -347,7 +350,7 @@ impl Admin {
     }
 
     /// Closes connections that were silent, or slow to finish a request, for too long.
-    pub(crate) fn sweep(&mut self, registry: &Registry, now: Instant) {
+    pub(crate) fn sweep(&mut self, now: Instant) {
         let idle = self.idle;
         let expired: Vec<usize> = self
             .conns
@@ -360,20 +363,20 @@ impl Admin {
             .collect();
         for index in expired {
             debug!("admin: closing connection {index}: idle or too slow");
-            self.close(registry, index);
+            self.close(index);
         }
     }
 
-    fn close(&mut self, registry: &Registry, index: usize) {
+    fn close(&mut self, index: usize) {
         if let Some(mut c) = self.conns.try_remove(index) {
-            let _ = registry.deregister(&mut c.stream);
+            let _ = self.registry.deregister(&mut c.stream);
         }
     }
 
     /// Drives the connections that used up their budget last turn.
     pub(crate) fn drive_again<S: Service>(&mut self, service: &mut S, ctx: &mut Ctx<S::Timer>) {
         if self.accept_again {
-            self.accept_all(ctx.registry(), ctx.now());
+            self.accept_all(ctx.now());
         }
         let again = std::mem::take(&mut self.again);
         for index in again {
@@ -395,31 +398,31 @@ impl Admin {
             // Write what is owed.
             while c.written < c.out.len() {
                 match c.stream.write(&c.out[c.written..]) {
-                    Ok(0) => return self.close(ctx.registry(), index),
+                    Ok(0) => return self.close(index),
                     Ok(n) => {
                         c.written += n;
                         c.last_active = now;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return self.close(ctx.registry(), index),
+                    Err(_) => return self.close(index),
                 }
             }
             c.out.clear();
             c.written = 0;
             if c.close_after {
-                return self.close(ctx.registry(), index);
+                return self.close(index);
             }
             if c.linger {
                 let _ = c.stream.shutdown(std::net::Shutdown::Write);
                 // Bounded per turn, like everything else; the deadline ends it.
                 for _ in 0..64 {
                     match c.stream.read(&mut self.scratch) {
-                        Ok(0) => return self.close(ctx.registry(), index),
+                        Ok(0) => return self.close(index),
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                        Err(_) => return self.close(ctx.registry(), index),
+                        Err(_) => return self.close(index),
                     }
                 }
                 self.again.push(index);
@@ -462,7 +465,7 @@ impl Admin {
                 }
             }
             if c.eof {
-                return self.close(ctx.registry(), index);
+                return self.close(index);
             }
             // Read more (the head and body limits bound what is kept).
             match c.stream.read(&mut self.scratch) {
@@ -477,7 +480,7 @@ impl Admin {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return self.close(ctx.registry(), index),
+                Err(_) => return self.close(index),
             }
         }
     }

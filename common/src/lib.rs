@@ -10,6 +10,7 @@ pub mod framing;
 pub mod logging;
 pub mod metrics;
 pub mod outbuf;
+pub mod peer;
 pub mod prom;
 pub mod protocol;
 pub mod random;

@@ -18,6 +18,11 @@ impl StartTime {
         StartTime { wall: SystemTime::now(), mono: Instant::now() }
     }
 
+    /// Started at `mono` on the loop's clock (which the simulator drives), now on the wall's.
+    pub fn at(mono: Instant) -> Self {
+        StartTime { wall: SystemTime::now(), mono }
+    }
+
     pub fn rfc3339(&self) -> String {
         format_rfc3339(self.wall)
     }

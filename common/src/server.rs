@@ -1,8 +1,10 @@
-//! The service scaffolding every tier runs on: one single-threaded mio loop that owns the
-//! listener, the client connections (a slab addressed by `Token`), a deadline queue, signals
-//! and the graceful drain. A service plugs in through [`Service`]: it is handed complete
-//! request lines and answers them now or later through [`Ctx`]; everything about sockets,
-//! ordering, backpressure and limits is handled here once.
+//! The service scaffolding every tier runs on. A service plugs in through [`Service`]: it is
+//! handed events (a client's request line; a peer connected, a peer's line, a peer closed; a
+//! timer; the drain) and acts through [`Ctx`]: answer now or later, connect to a peer and send
+//! it lines, set timers, read `now`. It owns no socket and no clock, so the same service code
+//! runs on two drivers: the mio loop ([`Server`], what the binaries run) and the simulator
+//! (the `sim` crate). What both share is in [`Engine`]: framing, answer ordering,
+//! backpressure and limits are handled there once, over whatever sockets the driver has.
 //!
 //! Ordering: answers to requests without an id leave in request order. Each such request
 //! takes a slot in its connection's queue; an answer that is ready while an earlier one is
@@ -19,57 +21,34 @@
 //! only within each connection's window, [`crate::window`]).
 
 use std::collections::VecDeque;
-use std::io::{self, Write};
-use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
-use mio::event::Event;
-use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use mio::Waker;
 use slab::Slab;
 
 use crate::access_log::{AccessLog, NoteId};
-use crate::admin::Admin;
 use crate::fdlimit::DescriptorBudget;
-use crate::framing::{next_frame, read_once, Frame, SharedBytes};
+use crate::framing::SharedBytes;
 use crate::metrics::{CommonMetrics, HealthData, LatencyHistogram, StartTime};
 use crate::outbuf::{Output, Parked, SHARE_MIN};
-use crate::protocol::{encode_ok_value, Id, Reply, RequestError, Status};
+use crate::peer::{Peer, PeerClosed, PeerCommand, PeerId, PeerLine};
+use crate::protocol::{encode_ok_value, Id, RequestError};
 use crate::timers::{TimerKey, TimerQueue};
 
-const LISTENER: Token = Token(0);
-const SIGNALS: Token = Token(1);
-const WAKER: Token = Token(2);
-/// Client connections use tokens `CLIENT_BASE + slab index`.
-const CLIENT_BASE: usize = 16;
-/// Services number their own upstream sockets from here up (see [`peer_token`]).
-pub const PEER_BASE: usize = 1 << 40;
+mod bind;
+mod engine;
+mod mio_driver;
 
-/// The token for a service's upstream socket number `index`.
-pub fn peer_token(index: usize) -> Token {
-    Token(PEER_BASE + index)
-}
+pub use bind::{bind_listener, bind_listener_with, ShutdownHandle};
+pub use engine::{Admission, Due, Engine, Sockets};
+pub use mio_driver::Server;
 
-/// The index a service gave [`peer_token`], if `token` is a peer token.
-pub fn peer_index(token: Token) -> Option<usize> {
-    token.0.checked_sub(PEER_BASE)
-}
-
-/// Bytes read from a socket per `read` call.
-const READ_CHUNK: usize = 64 * 1024;
-/// Reads one connection gets per loop turn before others get their turn.
-const READ_BUDGET: usize = 16;
 /// Request lines one connection gets handled per loop turn before others get their turn: a
 /// client pipelining cheap requests while the kernel keeps taking the answers must not hold
 /// the loop for a million requests (others would wait seconds).
 const LINE_BUDGET: usize = 4096;
-/// How long to wait before accepting again after running out of file descriptors.
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-/// The period of [`LoopTimer::Tick`].
-const TICK: Duration = Duration::from_secs(1);
 
 /// How a service listens and what it tolerates from clients.
 #[derive(Clone, Debug)]
@@ -140,6 +119,11 @@ impl ClientId {
         self.index
     }
 
+    /// A number no other client connection of this service had or will have.
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
     #[cfg(test)]
     pub(crate) fn for_test(index: usize, serial: u64) -> Self {
         ClientId { index, serial }
@@ -183,12 +167,21 @@ pub trait Service {
     /// One of the service's timers fired.
     fn on_timer(&mut self, ctx: &mut Ctx<Self::Timer>, timer: Self::Timer);
 
-    /// Readiness on one of the service's own sockets (registered with a [`peer_token`]).
-    fn on_peer_event(&mut self, _ctx: &mut Ctx<Self::Timer>, _token: Token, _event: &Event) {}
+    /// A connection from [`Ctx::connect`] is established (what was sent to it meanwhile is
+    /// being written).
+    fn on_peer_connected(&mut self, _ctx: &mut Ctx<Self::Timer>, _peer: PeerId) {}
 
-    /// The end of a loop turn, after every event and timer of the turn was handled: the
-    /// place to write out what the turn queued on the service's own sockets, one write per
-    /// socket. Called again if it answered clients, until a pass changes nothing.
+    /// A complete line from a peer (without `\r\n`). Long lines may be kept without copying
+    /// through [`PeerLine::share`].
+    fn on_peer_line(&mut self, _ctx: &mut Ctx<Self::Timer>, _peer: PeerId, _line: PeerLine<'_>) {}
+
+    /// A peer connection ended other than by [`Ctx::close_peer`]: the connect failed, the peer
+    /// closed it or reset it, or it sent a line that is too long. The `PeerId` is dead now.
+    fn on_peer_closed(&mut self, _ctx: &mut Ctx<Self::Timer>, _peer: PeerId, _closed: PeerClosed) {}
+
+    /// The end of a loop turn, after every event and timer of the turn was handled (what the
+    /// turn queued for peers is written after it, one write per connection). Called again
+    /// if it answered clients, until a pass changes nothing.
     fn on_turn_end(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
 
     /// The drain has begun (SIGTERM or [`ShutdownHandle::shutdown`]).
@@ -227,13 +220,20 @@ pub trait Service {
     fn on_admin_tick(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
 }
 
-/// Everything a service may do to the world: answer clients, schedule timers, register its
-/// own sockets, read the clock and the shared counters.
+/// Everything a service may do to the world: answer clients, talk to peers, schedule timers,
+/// read the clock and the shared counters. It holds the state of every connection; the
+/// sockets are the driver's.
 pub struct Ctx<T> {
     now: Instant,
-    registry: Registry,
-    waker: Arc<Waker>,
+    /// The mio driver's waker, for a service's helper thread (none in the simulator).
+    waker: Option<Arc<Waker>>,
     clients: Slab<Client>,
+    peers: Slab<Peer>,
+    next_peer_serial: u64,
+    /// Peers with output queued since their last write.
+    peers_dirty: Vec<PeerId>,
+    /// Connects and closes for the driver to carry out, in order.
+    peer_commands: VecDeque<PeerCommand>,
     timers: TimerQueue<LoopTimer<T>>,
     config: ServerConfig,
     local_addr: SocketAddr,
@@ -264,7 +264,6 @@ enum LoopTimer<T> {
 }
 
 struct Client {
-    stream: TcpStream,
     peer: SocketAddr,
     serial: u64,
     /// Bytes read but not yet used: at most a partial line, unless reading is paused.
@@ -275,6 +274,7 @@ struct Client {
     head_slot: u64,
     /// Deferred answers to requests with an id.
     unordered: usize,
+    /// The driver watches its socket for room to write.
     writable_registered: bool,
     read_closed: bool,
     /// The last read was shorter than the buffer: the socket is empty until the next
@@ -358,13 +358,9 @@ impl<T> Ctx<T> {
         self.now
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// The loop's one waker (mio allows one per poll), for a service's helper thread to wake
-    /// the loop; each wake calls [`Service::on_wake`].
-    pub fn waker(&self) -> Arc<Waker> {
+    /// the loop; each wake calls [`Service::on_wake`]. `None` off the real network.
+    pub fn waker(&self) -> Option<Arc<Waker>> {
         self.waker.clone()
     }
 
@@ -642,6 +638,84 @@ impl<T> Ctx<T> {
     }
 }
 
+/// Peers: connections the service makes to the next tier. The driver makes and owns the
+/// sockets; what is sent is written at the end of the turn, one write per connection.
+impl<T> Ctx<T> {
+    /// Starts connecting to `addr`; lines longer than `max_line` from it end the connection
+    /// ([`crate::peer::PeerEnd::LineTooLong`]). What is sent before it is established waits.
+    /// A failure to connect arrives as [`Service::on_peer_closed`], never from here.
+    pub fn connect(&mut self, addr: SocketAddr, max_line: usize) -> PeerId {
+        let serial = self.next_peer_serial;
+        self.next_peer_serial += 1;
+        let index = self.peers.insert(Peer::new(serial, addr, max_line));
+        let peer = PeerId { index, serial };
+        self.peer_commands.push_back(PeerCommand::Connect(peer, addr));
+        peer
+    }
+
+    /// The output buffer of `peer` to append whole lines to (`None` when it has gone).
+    pub fn peer_output(&mut self, peer: PeerId) -> Option<&mut Vec<u8>> {
+        let p = self.peers.get_mut(peer.index).filter(|p| p.serial == peer.serial)?;
+        if !p.dirty {
+            p.dirty = true;
+            self.peers_dirty.push(peer);
+        }
+        Some(p.out.buf_mut())
+    }
+
+    /// Queues `bytes` for `peer`; false when it has gone.
+    pub fn send_to_peer(&mut self, peer: PeerId, bytes: &[u8]) -> bool {
+        self.peer_output(peer).map(|out| out.extend_from_slice(bytes)).is_some()
+    }
+
+    /// Closes `peer` (no [`Service::on_peer_closed`] follows). False when it had gone.
+    pub fn close_peer(&mut self, peer: PeerId) -> bool {
+        if self.live_peer(peer).is_none() {
+            return false;
+        }
+        self.peers.remove(peer.index);
+        self.peer_commands.push_back(PeerCommand::Drop(peer.index));
+        true
+    }
+
+    pub fn is_peer_open(&self, peer: PeerId) -> bool {
+        self.live_peer(peer).is_some()
+    }
+
+    pub fn is_peer_connected(&self, peer: PeerId) -> bool {
+        self.live_peer(peer).is_some_and(|p| p.connected)
+    }
+
+    pub fn peer_addr(&self, peer: PeerId) -> Option<SocketAddr> {
+        self.live_peer(peer).map(|p| p.addr)
+    }
+
+    /// Bytes received from `peer` so far: comparing it before and after a request tells
+    /// whether the peer said anything to that request.
+    pub fn peer_received(&self, peer: PeerId) -> Option<u64> {
+        self.live_peer(peer).map(|p| p.received)
+    }
+
+    /// Bytes received from `peer` after the line being handed over now (or, between events,
+    /// not yet a complete line).
+    pub fn peer_unread(&self, peer: PeerId) -> usize {
+        self.live_peer(peer).map_or(0, |p| p.unread)
+    }
+
+    /// Peer connections open now (connecting or established).
+    pub fn open_peers(&self) -> usize {
+        self.peers.len()
+    }
+
+    fn live_peer(&self, peer: PeerId) -> Option<&Peer> {
+        self.peers.get(peer.index).filter(|p| p.serial == peer.serial)
+    }
+
+    fn live_peer_mut(&mut self, peer: PeerId) -> Option<&mut Peer> {
+        self.peers.get_mut(peer.index).filter(|p| p.serial == peer.serial)
+    }
+}
+
 fn concat_parts(out: &mut Vec<u8>, head: &[u8], body: &[u8], tail: &[u8]) {
     out.extend_from_slice(head);
     out.extend_from_slice(body);
@@ -654,658 +728,4 @@ fn recycle(spare: &mut Vec<Vec<u8>>, mut buf: Vec<u8>) {
         buf.clear();
         spare.push(buf);
     }
-}
-
-/// Asks a running server to drain and stop, from any thread.
-#[derive(Clone)]
-pub struct ShutdownHandle {
-    requested: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-}
-
-impl std::fmt::Debug for ShutdownHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShutdownHandle").field("requested", &self.requested).finish()
-    }
-}
-
-impl ShutdownHandle {
-    pub fn shutdown(&self) {
-        self.requested.store(true, Ordering::SeqCst);
-        if let Err(e) = self.waker.wake() {
-            warn!("could not wake the event loop for shutdown: {e}");
-        }
-    }
-}
-
-/// Listen backlog: deep enough that a burst of connects is not dropped (a dropped SYN costs
-/// the client a one-second retransmit) while the loop is busy with other work.
-const LISTEN_BACKLOG: i32 = 1024;
-
-/// Binds a listener (port 0 picks a free one) the way every service does: SO_REUSEADDR, so a
-/// restarted service gets its port back at once, and a backlog of [`LISTEN_BACKLOG`].
-pub fn bind_listener(host: &str, port: u16) -> io::Result<TcpListener> {
-    bind_listener_with(host, port, false)
-}
-
-/// [`bind_listener`], and with `reuse_port` also SO_REUSEPORT: other processes (of the same
-/// user) that set it too may bind the same port, and the kernel spreads connections over them.
-pub fn bind_listener_with(host: &str, port: u16, reuse_port: bool) -> io::Result<TcpListener> {
-    let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
-    let mut last_err = io::Error::new(io::ErrorKind::AddrNotAvailable, format!("{host} resolves to no address"));
-    for addr in addrs {
-        match bind_one(addr, reuse_port) {
-            Ok(listener) => return Ok(listener),
-            Err(e) => last_err = io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")),
-        }
-    }
-    Err(last_err)
-}
-
-fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    socket.set_nonblocking(true)?;
-    Ok(TcpListener::from_std(socket.into()))
-}
-
-/// A service bound to its listener and ready to run.
-pub struct Server<S: Service> {
-    poll: Poll,
-    events: Events,
-    listener: Option<TcpListener>,
-    signals: Option<signal_hook_mio::v1_0::Signals>,
-    shutdown: ShutdownHandle,
-    scratch: Box<[u8]>,
-    /// Clients that used up their read budget and must be read again next turn.
-    again: Vec<ClientId>,
-    /// Swapped with `again` and `Ctx::dirty` while they are worked through, so that neither
-    /// list gives up its allocation each turn.
-    again_batch: Vec<ClientId>,
-    dirty_batch: Vec<usize>,
-    /// The admin HTTP listener (SPEC 6), when `--admin-port` is given.
-    admin: Option<Admin>,
-    ctx: Ctx<S::Timer>,
-    service: S,
-}
-
-impl<S: Service> Server<S> {
-    /// Binds `config.host:config.port` and builds the service with the bound address (a proxy
-    /// needs its own port to fill in `node`).
-    pub fn bind(config: ServerConfig, make: impl FnOnce(SocketAddr) -> io::Result<S>) -> io::Result<Self> {
-        let listener = bind_listener_with(&config.host, config.port, config.reuse_port)?;
-        let local_addr = listener.local_addr()?;
-        let service = make(local_addr)?;
-        Server::with_listener(config, listener, service)
-    }
-
-    /// Runs on an already bound listener (made non-blocking here).
-    pub fn with_std_listener(config: ServerConfig, listener: StdListener, service: S) -> io::Result<Self> {
-        listener.set_nonblocking(true)?;
-        Server::with_listener(config, TcpListener::from_std(listener), service)
-    }
-
-    /// Runs on an already bound mio listener.
-    pub fn with_listener(config: ServerConfig, mut listener: TcpListener, service: S) -> io::Result<Self> {
-        let local_addr = listener.local_addr()?;
-        let config_fd_reserve = config.fd_reserve;
-        let poll = Poll::new()?;
-        let registry = poll.registry().try_clone()?;
-        registry.register(&mut listener, LISTENER, Interest::READABLE)?;
-        let signals = if config.handle_signals {
-            let mut signals =
-                signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGHUP])?;
-            registry.register(&mut signals, SIGNALS, Interest::READABLE)?;
-            Some(signals)
-        } else {
-            None
-        };
-        let waker = Arc::new(Waker::new(&registry, WAKER)?);
-        let admin = match config.admin_port {
-            Some(port) => {
-                let host = config.admin_host.as_deref().unwrap_or(&config.host);
-                Some(Admin::bind(host, port, &registry, config.idle_timeout)?)
-            }
-            None => None,
-        };
-        let access_log = config.access_log.clone().map(AccessLog::open).transpose()?;
-        let shutdown = ShutdownHandle { requested: Arc::new(AtomicBool::new(false)), waker: waker.clone() };
-        Ok(Server {
-            poll,
-            events: Events::with_capacity(1024),
-            listener: Some(listener),
-            signals,
-            shutdown,
-            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
-            again: Vec::new(),
-            again_batch: Vec::new(),
-            dirty_batch: Vec::new(),
-            admin,
-            ctx: Ctx {
-                now: Instant::now(),
-                registry,
-                waker,
-                clients: Slab::new(),
-                timers: TimerQueue::new(),
-                config,
-                local_addr,
-                started: StartTime::now(),
-                total_requests: 0,
-                next_serial: 0,
-                dirty: Vec::new(),
-                spare: Vec::new(),
-                draining: false,
-                descriptors: DescriptorBudget::measure(config_fd_reserve),
-                turn: 0,
-                access_log,
-            },
-            service,
-        })
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.ctx.local_addr
-    }
-
-    /// Where the admin listener listens, when there is one.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(Admin::local_addr)
-    }
-
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        self.shutdown.clone()
-    }
-
-    /// Runs the loop until a drain completes. Returns an error only if polling itself fails.
-    pub fn run(mut self) -> io::Result<()> {
-        if self.ctx.config.announce {
-            let mut stdout = io::stdout().lock();
-            writeln!(stdout, "listening on {}", self.ctx.local_addr)?;
-            if let Some(addr) = self.admin_addr() {
-                writeln!(stdout, "admin listening on {addr}")?;
-            }
-            stdout.flush()?;
-        }
-        info!("listening on {}", self.ctx.local_addr);
-        self.ctx.now = Instant::now();
-        if self.admin.is_some() || self.ctx.access_log.is_some() {
-            self.ctx.timers.schedule(self.ctx.now + TICK, LoopTimer::Tick);
-        }
-        self.service.on_start(&mut self.ctx);
-        loop {
-            self.ctx.now = Instant::now();
-            self.ctx.turn = self.ctx.turn.wrapping_add(1);
-            let busy = !self.again.is_empty() || self.admin.as_ref().is_some_and(Admin::has_again);
-            let timeout = if busy { Some(Duration::ZERO) } else { self.ctx.timers.timeout(self.ctx.now) };
-            if let Err(e) = self.poll.poll(&mut self.events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                error!("poll failed: {e}");
-                return Err(e);
-            }
-            self.ctx.now = Instant::now();
-            self.handle_events();
-            std::mem::swap(&mut self.again, &mut self.again_batch);
-            let mut batch = std::mem::take(&mut self.again_batch);
-            for client in batch.drain(..) {
-                if let Some(index) = self.ctx.live_index(client) {
-                    self.drive(index);
-                }
-            }
-            self.again_batch = batch;
-            if let Some(admin) = self.admin.as_mut() {
-                admin.drive_again(&mut self.service, &mut self.ctx);
-            }
-            if self.fire_timers() {
-                break;
-            }
-            loop {
-                self.flush_dirty();
-                self.service.on_turn_end(&mut self.ctx);
-                if self.ctx.dirty.is_empty() {
-                    break;
-                }
-            }
-            if self.ctx.draining && self.ctx.clients.is_empty() {
-                break;
-            }
-        }
-        if let Some(log) = self.ctx.access_log.as_mut() {
-            log.flush();
-        }
-        info!("stopped after answering {} requests", self.ctx.total_requests);
-        Ok(())
-    }
-
-    fn handle_events(&mut self) {
-        // Taken out for the turn so that handlers may borrow `self` mutably; swapping in an
-        // empty `Events` does not allocate.
-        let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
-        // Upstream answers first: they retire requests (a balancer's in-flight counts drop)
-        // before the turn's new requests are routed on those counts.
-        for event in events.iter().filter(|e| e.token().0 >= PEER_BASE) {
-            self.service.on_peer_event(&mut self.ctx, event.token(), event);
-        }
-        for event in events.iter() {
-            match event.token() {
-                LISTENER => self.accept_all(),
-                SIGNALS => self.on_signals(),
-                WAKER if self.shutdown.requested.load(Ordering::SeqCst) => self.begin_drain("shutdown requested"),
-                WAKER => self.service.on_wake(&mut self.ctx),
-                Token(t) if t >= PEER_BASE => {}
-                crate::admin::LISTENER => {
-                    if let Some(admin) = self.admin.as_mut() {
-                        admin.accept_all(&self.ctx.registry, self.ctx.now);
-                    }
-                }
-                // After the line protocol's events, below.
-                token if crate::admin::conn_index(token).is_some() => {}
-                Token(t) if t >= CLIENT_BASE && self.ctx.clients.contains(t - CLIENT_BASE) => {
-                    let c = &mut self.ctx.clients[t - CLIENT_BASE];
-                    c.drained = false;
-                    c.hangup |= event.is_read_closed() || event.is_error();
-                    self.drive(t - CLIENT_BASE);
-                }
-                _ => {}
-            }
-        }
-        // Admin connections last: a request on the line protocol that arrived in the same
-        // turn as a scrape is not kept waiting behind it.
-        if let Some(admin) = self.admin.as_mut() {
-            for index in events.iter().filter_map(|e| crate::admin::conn_index(e.token())) {
-                admin.drive(index, &mut self.service, &mut self.ctx);
-            }
-        }
-        self.events = events;
-    }
-
-    fn on_signals(&mut self) {
-        let mut got = false;
-        let (mut reopen, mut reload) = (false, false);
-        if let Some(signals) = self.signals.as_mut() {
-            // Drain every pending signal so the edge-triggered source re-arms.
-            for signal in signals.pending() {
-                match signal {
-                    libc::SIGUSR1 => reopen = true,
-                    libc::SIGHUP => reload = true,
-                    _ => got = true,
-                }
-            }
-        }
-        if reload {
-            info!("SIGHUP: reloading");
-            self.service.on_reload(&mut self.ctx);
-        }
-        if let (true, Some(log)) = (reopen, self.ctx.access_log.as_mut()) {
-            info!("SIGUSR1: reopening the access log");
-            log.reopen();
-        }
-        if got {
-            self.begin_drain("signal received");
-        }
-    }
-
-    fn begin_drain(&mut self, why: &str) {
-        if self.ctx.draining {
-            return;
-        }
-        info!("{why}: no longer accepting; answering what is in flight");
-        self.ctx.draining = true;
-        if let Some(mut listener) = self.listener.take() {
-            let _ = self.ctx.registry.deregister(&mut listener);
-        }
-        let deadline = self.ctx.now + self.ctx.config.drain_timeout;
-        self.ctx.timers.schedule(deadline, LoopTimer::DrainDeadline);
-        self.service.on_drain(&mut self.ctx);
-        let indexes: Vec<usize> = self.ctx.clients.iter().map(|(i, _)| i).collect();
-        for index in indexes {
-            self.ctx.clients[index].closing = true;
-            self.ctx.mark_dirty(index);
-        }
-    }
-
-    fn accept_all(&mut self) {
-        loop {
-            let Some(listener) = self.listener.as_ref() else { return };
-            match listener.accept() {
-                Ok((stream, peer)) => self.admit(stream, peer),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => continue,
-                Err(e) => {
-                    // Out of descriptors or memory: the pending connection stays in the backlog.
-                    // Retry after a pause instead of spinning on an always-ready listener, and
-                    // say so at most once a second.
-                    if self.ctx.descriptors.may_log(self.ctx.now) {
-                        warn!("accept failed: {e}; retrying every {} ms", ACCEPT_RETRY.as_millis());
-                    }
-                    self.ctx.timers.schedule(self.ctx.now + ACCEPT_RETRY, LoopTimer::AcceptRetry);
-                    return;
-                }
-            }
-        }
-    }
-
-    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
-        let short_of_descriptors = self.ctx.clients.len() >= self.ctx.descriptors.client_cap();
-        if short_of_descriptors {
-            self.ctx.descriptors.warn_short(self.ctx.now, self.ctx.clients.len());
-        }
-        if short_of_descriptors || self.ctx.clients.len() >= self.ctx.config.max_connections {
-            let mut line = Vec::with_capacity(64);
-            let why = if short_of_descriptors {
-                "too many connections for the descriptor limit"
-            } else {
-                "too many connections"
-            };
-            Reply::error(Status::Overloaded, why).encode(&mut line);
-            // A fresh socket's send buffer is empty, so this either goes out whole or the
-            // client is gone; either way the connection is closed right after.
-            let _ = stream.write(&line);
-            debug!("refused {peer}: at max connections");
-            return;
-        }
-        let _ = stream.set_nodelay(true);
-        let entry = self.ctx.clients.vacant_entry();
-        let index = entry.key();
-        if let Err(e) = self.ctx.registry.register(&mut stream, Token(CLIENT_BASE + index), Interest::READABLE) {
-            warn!("cannot register connection from {peer}: {e}");
-            return;
-        }
-        let serial = self.ctx.next_serial;
-        self.ctx.next_serial += 1;
-        let id = ClientId { index, serial };
-        let idle_timer =
-            Some(self.ctx.timers.schedule(self.ctx.now + self.ctx.config.idle_timeout, LoopTimer::Idle(id)));
-        entry.insert(Client {
-            stream,
-            peer,
-            serial,
-            carry: Vec::new(),
-            out: Output::new(),
-            slots: VecDeque::new(),
-            head_slot: 0,
-            unordered: 0,
-            writable_registered: false,
-            read_closed: false,
-            drained: false,
-            hangup: false,
-            closing: self.ctx.draining,
-            dirty: false,
-            wants_room: false,
-            lines: 0,
-            lines_turn: 0,
-            last_active: self.ctx.now,
-            idle_timer,
-        });
-    }
-
-    /// Fires due timers. Returns true when the drain deadline has passed.
-    fn fire_timers(&mut self) -> bool {
-        let now = Instant::now();
-        self.ctx.now = now;
-        while let Some(timer) = self.ctx.timers.pop_expired(now) {
-            match timer {
-                LoopTimer::Service(t) => self.service.on_timer(&mut self.ctx, t),
-                LoopTimer::Idle(id) => self.check_idle(id),
-                LoopTimer::AcceptRetry => self.accept_all(),
-                LoopTimer::Tick => self.on_tick(),
-                LoopTimer::DrainDeadline => {
-                    warn!("drain deadline passed with {} connections still open", self.ctx.clients.len());
-                    return true;
-                }
-            }
-        }
-        false
-    }
-
-    /// The one-second tick: the access log is written out, idle admin connections closed,
-    /// and the service samples what it keeps for the admin views.
-    fn on_tick(&mut self) {
-        self.ctx.timers.schedule(self.ctx.now + TICK, LoopTimer::Tick);
-        if let Some(log) = self.ctx.access_log.as_mut() {
-            log.flush();
-        }
-        if let Some(admin) = self.admin.as_mut() {
-            admin.sweep(&self.ctx.registry, self.ctx.now);
-            // Connections left in the backlog by an accept that ran out of descriptors.
-            admin.accept_all(&self.ctx.registry, self.ctx.now);
-            self.service.on_admin_tick(&mut self.ctx);
-        }
-    }
-
-    fn check_idle(&mut self, id: ClientId) {
-        let Some(index) = self.ctx.live_index(id) else { return };
-        let idle = self.ctx.config.idle_timeout;
-        let now = self.ctx.now;
-        let c = &mut self.ctx.clients[index];
-        let quiet_since = c.last_active;
-        // A client waiting for an answer we owe is not idle: the slowness is ours.
-        let waiting_on_us = c.awaited() > 0 && c.out.is_empty();
-        if waiting_on_us || quiet_since + idle > now {
-            let at = if waiting_on_us { now + idle } else { quiet_since + idle };
-            c.idle_timer = Some(self.ctx.timers.schedule(at, LoopTimer::Idle(id)));
-        } else {
-            debug!("closing connection {index}: idle for {} ms", idle.as_millis());
-            c.idle_timer = None;
-            self.close(index);
-        }
-    }
-
-    fn flush_dirty(&mut self) {
-        while !self.ctx.dirty.is_empty() {
-            std::mem::swap(&mut self.ctx.dirty, &mut self.dirty_batch);
-            let mut batch = std::mem::take(&mut self.dirty_batch);
-            for index in batch.drain(..) {
-                if let Some(c) = self.ctx.clients.get_mut(index) {
-                    c.dirty = false;
-                    self.drive(index);
-                }
-            }
-            self.dirty_batch = batch;
-        }
-    }
-
-    /// Brings one client up to date: writes what is owed, then reads and dispatches requests
-    /// until the socket is empty, the limits pause it, or its read budget is spent.
-    fn drive(&mut self, index: usize) {
-        let mut reads = 0;
-        loop {
-            let config = &self.ctx.config;
-            let c = &mut self.ctx.clients[index];
-            match c.out.flush_to(&mut c.stream) {
-                Ok(0) => {}
-                Ok(_) => c.last_active = self.ctx.now,
-                Err(e) => {
-                    debug!("closing connection {index}: write failed: {e}");
-                    return self.close(index);
-                }
-            }
-            if c.wants_room && (c.out.counted() <= config.output_limit || c.out.is_empty()) {
-                c.wants_room = false;
-                let id = ClientId { index, serial: c.serial };
-                self.service.on_room(&mut self.ctx, id);
-                if !self.ctx.clients.contains(index) {
-                    return;
-                }
-                continue;
-            }
-            if c.closing || c.read_closed {
-                // After EOF, a last line without its newline is still to be answered; a
-                // closing connection (drain, line too long) reads nothing more.
-                if c.owes_nothing() && (c.closing || c.carry.is_empty()) {
-                    return self.close(index);
-                }
-                if c.closing {
-                    return self.update_interest(index);
-                }
-            }
-            if c.over_limits(config) {
-                return self.update_interest(index);
-            }
-            if c.budget_spent(self.ctx.turn) {
-                let serial = c.serial;
-                self.again.push(ClientId { index, serial });
-                return self.update_interest(index);
-            }
-            if !c.carry.is_empty() && memchr::memchr(b'\n', &c.carry).is_some() {
-                let carry = std::mem::take(&mut c.carry);
-                let used = self.dispatch(index, &carry);
-                if let Some(c) = self.ctx.clients.get_mut(index) {
-                    c.carry = carry;
-                    c.carry.drain(..used);
-                }
-                continue;
-            }
-            if c.read_closed {
-                // The peer finished sending; a last line without its newline still counts.
-                if !c.carry.is_empty() {
-                    let mut carry = std::mem::take(&mut c.carry);
-                    carry.push(b'\n');
-                    let used = self.dispatch(index, &carry);
-                    if let Some(c) = self.ctx.clients.get_mut(index) {
-                        // Paused part way: keep the rest, without the newline added here.
-                        carry.pop();
-                        carry.drain(..used.min(carry.len()));
-                        c.carry = carry;
-                    }
-                    continue;
-                }
-                return self.update_interest(index);
-            }
-            if c.drained {
-                return self.update_interest(index);
-            }
-            if reads == READ_BUDGET {
-                let serial = c.serial;
-                self.again.push(ClientId { index, serial });
-                return self.update_interest(index);
-            }
-            reads += 1;
-            match read_once(&mut c.stream, &mut self.scratch) {
-                Ok(0) => c.read_closed = true,
-                Ok(n) => {
-                    c.last_active = self.ctx.now;
-                    c.drained = n < self.scratch.len() && !c.hangup;
-                    let fresh = &self.scratch[..n];
-                    if c.carry.is_empty() {
-                        // The common case: lines straight from the read buffer, no copy.
-                        let used = dispatch(&mut self.service, &mut self.ctx, index, fresh);
-                        if let Some(c) = self.ctx.clients.get_mut(index) {
-                            c.carry.extend_from_slice(&fresh[used..]);
-                        }
-                    } else if memchr::memchr(b'\n', fresh).is_some() {
-                        c.carry.extend_from_slice(fresh);
-                    } else {
-                        // Still no end of line: only the length needs checking, not a rescan.
-                        c.carry.extend_from_slice(fresh);
-                        if c.carry.len() > config.max_line {
-                            self.reject_long_line(index);
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return self.update_interest(index),
-                Err(e) => {
-                    debug!("closing connection {index}: read failed: {e}");
-                    return self.close(index);
-                }
-            }
-            if !self.ctx.clients.contains(index) {
-                return;
-            }
-        }
-    }
-
-    fn dispatch(&mut self, index: usize, bytes: &[u8]) -> usize {
-        dispatch(&mut self.service, &mut self.ctx, index, bytes)
-    }
-
-    fn reject_long_line(&mut self, index: usize) {
-        reject_long_line(&mut self.ctx, index);
-    }
-
-    fn update_interest(&mut self, index: usize) {
-        let c = &mut self.ctx.clients[index];
-        let want_writable = !c.out.is_empty();
-        if want_writable != c.writable_registered {
-            let interest = if want_writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            if let Err(e) = self.ctx.registry.reregister(&mut c.stream, Token(CLIENT_BASE + index), interest) {
-                debug!("closing connection {index}: reregister failed: {e}");
-                return self.close(index);
-            }
-            c.writable_registered = want_writable;
-        }
-    }
-
-    fn close(&mut self, index: usize) {
-        if !self.ctx.clients.contains(index) {
-            return;
-        }
-        let mut c = self.ctx.clients.remove(index);
-        let _ = self.ctx.registry.deregister(&mut c.stream);
-        if let Some(key) = c.idle_timer.take() {
-            self.ctx.timers.cancel(key);
-        }
-        for slot in c.slots.drain(..) {
-            if let Slot::Ready(parked) = slot {
-                recycle(&mut self.ctx.spare, c.out.discard(parked));
-            }
-        }
-        if c.wants_room {
-            // The service holds work for this client: let it drop it.
-            self.service.on_room(&mut self.ctx, ClientId { index, serial: c.serial });
-        }
-    }
-}
-
-/// Hands the complete lines at the front of `bytes` to the service, until the bytes run out
-/// or the client's limits pause it. Returns how many bytes were used.
-fn dispatch<S: Service>(service: &mut S, ctx: &mut Ctx<S::Timer>, index: usize, bytes: &[u8]) -> usize {
-    let Some(serial) = ctx.clients.get(index).map(|c| c.serial) else { return bytes.len() };
-    let client = ClientId { index, serial };
-    let max_line = ctx.config.max_line;
-    let mut used = 0;
-    loop {
-        let c = &ctx.clients[index];
-        if c.closing || c.over_limits(&ctx.config) || c.budget_spent(ctx.turn) {
-            return used;
-        }
-        match next_frame(&bytes[used..], max_line) {
-            Frame::Line(line, n) => {
-                used += n;
-                ctx.clients[index].count_line(ctx.turn);
-                if !line.iter().all(|b| *b == b' ' || *b == b'\t') {
-                    if let Some(log) = ctx.access_log.as_mut() {
-                        log.begin(line, ctx.now);
-                    }
-                    service.on_line(ctx, client, line);
-                    if let Some(log) = ctx.access_log.as_mut() {
-                        log.end();
-                    }
-                }
-            }
-            Frame::Incomplete => return used,
-            Frame::TooLong => {
-                reject_long_line(ctx, index);
-                return bytes.len();
-            }
-        }
-    }
-}
-
-/// SPEC 2: a line over `--max-line` is answered with BAD_REQUEST at once, and the
-/// connection is closed once that answer (and any before it) is written.
-fn reject_long_line<T>(ctx: &mut Ctx<T>, index: usize) {
-    let serial = ctx.clients[index].serial;
-    let message = format!("request line longer than {} bytes", ctx.config.max_line);
-    ctx.reply(ClientId { index, serial }, true, |out| Reply::error(Status::BadRequest, &message).encode(out));
-    let c = &mut ctx.clients[index];
-    c.closing = true;
-    c.carry = Vec::new();
 }
