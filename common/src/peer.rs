@@ -307,3 +307,101 @@ pub(crate) enum PeerCommand {
     Connect(PeerId, SocketAddr),
     Drop(usize),
 }
+
+/// What a service keeps per peer connection, found by [`PeerId`] in O(1): a table indexed by
+/// the connection's slot that checks the serial, so that a value of a connection gone is
+/// never mistaken for one of the connection that took its slot.
+#[derive(Debug)]
+pub struct PeerMap<V> {
+    slots: Vec<Option<(PeerId, V)>>,
+    len: usize,
+}
+
+impl<V> Default for PeerMap<V> {
+    fn default() -> Self {
+        PeerMap { slots: Vec::new(), len: 0 }
+    }
+}
+
+impl<V> PeerMap<V> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Puts `value` for `peer`, returning what was there for it (or for a gone connection in
+    /// its slot, which is dropped).
+    pub fn insert(&mut self, peer: PeerId, value: V) -> Option<V> {
+        if self.slots.len() <= peer.index {
+            self.slots.resize_with(peer.index + 1, || None);
+        }
+        let old = self.slots[peer.index].replace((peer, value));
+        if old.is_none() {
+            self.len += 1;
+        }
+        old.filter(|(p, _)| *p == peer).map(|(_, v)| v)
+    }
+
+    pub fn get(&self, peer: PeerId) -> Option<&V> {
+        match self.slots.get(peer.index)? {
+            Some((p, v)) if *p == peer => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn get_mut(&mut self, peer: PeerId) -> Option<&mut V> {
+        match self.slots.get_mut(peer.index)? {
+            Some((p, v)) if *p == peer => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn remove(&mut self, peer: PeerId) -> Option<V> {
+        let slot = self.slots.get_mut(peer.index)?;
+        if slot.as_ref().is_some_and(|(p, _)| *p == peer) {
+            self.len -= 1;
+            return slot.take().map(|(_, v)| v);
+        }
+        None
+    }
+
+    pub fn contains(&self, peer: PeerId) -> bool {
+        self.get(peer).is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every entry, in slot order (deterministic).
+    pub fn iter(&self) -> impl Iterator<Item = (PeerId, &V)> {
+        self.slots.iter().filter_map(|s| s.as_ref().map(|(p, v)| (*p, v)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_map_tells_a_new_connection_from_the_one_gone_from_its_slot() {
+        let mut map = PeerMap::new();
+        let old = PeerId { index: 3, serial: 1 };
+        let new = PeerId { index: 3, serial: 9 };
+        assert_eq!(map.insert(old, "old"), None);
+        assert_eq!(map.get(old), Some(&"old"));
+        assert_eq!(map.get(new), None);
+        assert_eq!(map.remove(new), None);
+        assert_eq!(map.len(), 1);
+        // The slot is taken over by the new connection: the old one's value is gone.
+        assert_eq!(map.insert(new, "new"), None);
+        assert_eq!(map.get(old), None);
+        assert_eq!(map.len(), 1);
+        assert_eq!(map.iter().collect::<Vec<_>>(), vec![(new, &"new")]);
+        assert_eq!(map.remove(new), Some("new"));
+        assert!(map.is_empty());
+    }
+}

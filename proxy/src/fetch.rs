@@ -31,7 +31,7 @@ pub struct Fetch<W> {
     /// A PURGE arrived while the fetch was under way: answer the waiters, cache nothing.
     pub purged: bool,
     /// The origin connection carrying it, while running.
-    pub conn: Option<usize>,
+    pub conn: Option<common::peer::PeerId>,
     /// Its `--origin-timeout-ms` timer.
     pub timer: Option<TimerKey>,
     /// Already retried once on a fresh connection.

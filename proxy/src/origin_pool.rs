@@ -7,12 +7,9 @@
 use std::io;
 use std::net::SocketAddr;
 
-use common::framing::Frame;
+use common::peer::{PeerClosed, PeerEnd, PeerId, PeerMap};
 use common::protocol::write_text_request;
-use common::server::peer_token;
-use common::upstream::{Progress, Upstream};
-use mio::Registry;
-use slab::Slab;
+use common::server::Ctx;
 
 use crate::fetch::FetchId;
 
@@ -30,16 +27,14 @@ struct Busy {
 
 #[derive(Debug)]
 struct OriginConn {
-    up: Upstream,
     busy: Option<Busy>,
 }
 
-/// What a readiness event on an origin connection amounts to.
+/// What a line or the end of an origin connection amounts to.
 #[derive(Debug)]
 pub enum ConnEvent {
     Nothing,
-    /// The answer line for `fetch` is ready: read it with [`OriginPool::answer`], then call
-    /// [`OriginPool::answered`].
+    /// The line is the answer for `fetch`: use it, then call [`OriginPool::answered`].
     Answer {
         fetch: FetchId,
     },
@@ -76,15 +71,15 @@ impl Failure {
 #[derive(Debug)]
 pub struct OriginPool {
     addr: SocketAddr,
-    conns: Slab<OriginConn>,
-    idle: Vec<usize>,
+    conns: PeerMap<OriginConn>,
+    idle: Vec<PeerId>,
     max_idle: usize,
     connects: u64,
 }
 
 impl OriginPool {
     pub fn new(addr: SocketAddr, max_idle: usize) -> Self {
-        OriginPool { addr, conns: Slab::new(), idle: Vec::new(), max_idle, connects: 0 }
+        OriginPool { addr, conns: PeerMap::new(), idle: Vec::new(), max_idle, connects: 0 }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -102,84 +97,76 @@ impl OriginPool {
 
     /// Sends `GET key` for `fetch`, on an idle connection if there is one (or, with `fresh`,
     /// always on a new one). Returns the connection used.
-    pub fn send(&mut self, fetch: FetchId, key: &str, fresh: bool, registry: &Registry) -> io::Result<usize> {
+    pub fn send<T>(&mut self, ctx: &mut Ctx<T>, fetch: FetchId, key: &str, fresh: bool) -> PeerId {
         let reused_conn = if fresh { None } else { self.idle.pop() };
-        let (index, reused) = match reused_conn {
-            Some(index) => (index, true),
+        let (peer, reused) = match reused_conn {
+            Some(peer) => (peer, true),
             None => {
-                let entry = self.conns.vacant_entry();
-                let index = entry.key();
-                let up = Upstream::connect(self.addr, registry, peer_token(index))?;
-                entry.insert(OriginConn { up, busy: None });
+                let peer = ctx.connect(self.addr, MAX_ANSWER_LINE);
+                self.conns.insert(peer, OriginConn { busy: None });
                 self.connects += 1;
-                (index, false)
+                (peer, false)
             }
         };
-        let conn = &mut self.conns[index];
-        conn.busy = Some(Busy { fetch, reused, received_before: conn.up.received_bytes() });
-        write_text_request(conn.up.out_buf(), "GET", Some(key));
-        if let Err(e) = conn.up.flush() {
-            self.close(index, registry);
-            return Err(e);
+        let received_before = ctx.peer_received(peer).unwrap_or(0);
+        if let Some(conn) = self.conns.get_mut(peer) {
+            conn.busy = Some(Busy { fetch, reused, received_before });
         }
-        Ok(index)
+        if let Some(out) = ctx.peer_output(peer) {
+            write_text_request(out, "GET", Some(key));
+        }
+        peer
     }
 
-    /// Handles readiness on connection `index`.
-    pub fn on_event(&mut self, index: usize, registry: &Registry) -> ConnEvent {
-        let Some(conn) = self.conns.get_mut(index) else { return ConnEvent::Nothing };
-        let busy = conn.busy;
-        let result = conn.up.on_ready(MAX_ANSWER_LINE);
-        let failure = match result {
-            Ok(Progress::Connecting) => return ConnEvent::Nothing,
-            Err(e) if !conn.up.is_connected() => Some(Failure::Refused(e)),
-            Err(e) => Some(Failure::Broken(e)),
-            Ok(Progress::Ready) => match (conn.up.frame(MAX_ANSWER_LINE), busy) {
-                (Frame::Line(..), Some(busy)) => return ConnEvent::Answer { fetch: busy.fetch },
-                // A line nobody asked for: this origin cannot be trusted on this connection.
-                (Frame::Line(..), None) => None,
-                (Frame::TooLong, _) => Some(Failure::AnswerTooLong),
-                (Frame::Incomplete, _) if conn.up.is_eof() => Some(Failure::ClosedBeforeAnswer),
-                (Frame::Incomplete, _) => return ConnEvent::Nothing,
-            },
-        };
-        let stale = busy.is_some_and(|b| b.reused && conn.up.received_bytes() == b.received_before);
-        self.close(index, registry);
-        match (busy, failure) {
-            (Some(busy), _) if stale => ConnEvent::Failed { fetch: busy.fetch, failure: Failure::StaleConnection },
-            (Some(busy), Some(failure)) => ConnEvent::Failed { fetch: busy.fetch, failure },
-            _ => ConnEvent::Nothing,
+    /// A line arrived on `peer`: the answer for its fetch, or one nobody asked for (then this
+    /// origin cannot be trusted on this connection, and it is closed).
+    pub fn on_line<T>(&mut self, ctx: &mut Ctx<T>, peer: PeerId) -> ConnEvent {
+        let Some(conn) = self.conns.get_mut(peer) else { return ConnEvent::Nothing };
+        match conn.busy {
+            Some(busy) => ConnEvent::Answer { fetch: busy.fetch },
+            None => {
+                self.close(ctx, peer);
+                ConnEvent::Nothing
+            }
         }
     }
 
-    /// The answer line waiting on connection `index` (after [`ConnEvent::Answer`]).
-    pub fn answer(&self, index: usize) -> Option<&[u8]> {
-        match self.conns.get(index)?.up.frame(MAX_ANSWER_LINE) {
-            Frame::Line(line, _) => Some(line),
-            _ => None,
-        }
-    }
-
-    /// The answer on `index` has been used: the connection becomes idle, or closes if the
-    /// origin closed it, sent more than was asked, or enough connections are idle already.
-    pub fn answered(&mut self, index: usize, registry: &Registry) {
-        let Some(conn) = self.conns.get_mut(index) else { return };
-        if let Frame::Line(_, n) = conn.up.frame(MAX_ANSWER_LINE) {
-            conn.up.consume(n);
-        }
-        conn.busy = None;
-        if conn.up.is_eof() || conn.up.buffered() > 0 || self.idle.len() >= self.max_idle {
-            self.close(index, registry);
+    /// `peer` ended (the driver has closed it).
+    pub fn on_closed(&mut self, peer: PeerId, closed: PeerClosed) -> ConnEvent {
+        let Some(conn) = self.conns.remove(peer) else { return ConnEvent::Nothing };
+        self.idle.retain(|p| *p != peer);
+        let Some(busy) = conn.busy else { return ConnEvent::Nothing };
+        let failure = if busy.reused && closed.received == busy.received_before {
+            Failure::StaleConnection
         } else {
-            self.idle.push(index);
+            match closed.end {
+                PeerEnd::ConnectFailed(e) => Failure::Refused(e),
+                PeerEnd::Failed(e) if !closed.was_connected => Failure::Refused(e),
+                PeerEnd::Failed(e) => Failure::Broken(e),
+                PeerEnd::Closed => Failure::ClosedBeforeAnswer,
+                PeerEnd::LineTooLong => Failure::AnswerTooLong,
+            }
+        };
+        ConnEvent::Failed { fetch: busy.fetch, failure }
+    }
+
+    /// The answer on `peer` has been used: the connection becomes idle, or closes if the
+    /// origin sent more than was asked, or enough connections are idle already.
+    pub fn answered<T>(&mut self, ctx: &mut Ctx<T>, peer: PeerId) {
+        let Some(conn) = self.conns.get_mut(peer) else { return };
+        conn.busy = None;
+        if ctx.peer_unread(peer) > 0 || self.idle.len() >= self.max_idle {
+            self.close(ctx, peer);
+        } else {
+            self.idle.push(peer);
         }
     }
 
-    /// Closes connection `index` (its fetch timed out, or it failed).
-    pub fn close(&mut self, index: usize, registry: &Registry) {
-        if let Some(mut conn) = self.conns.try_remove(index) {
-            conn.up.deregister(registry);
-            self.idle.retain(|i| *i != index);
+    /// Closes `peer` (its fetch timed out, or it failed).
+    pub fn close<T>(&mut self, ctx: &mut Ctx<T>, peer: PeerId) {
+        if self.conns.remove(peer).is_some() {
+            ctx.close_peer(peer);
+            self.idle.retain(|p| *p != peer);
         }
     }
 }

@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 use common::framing::SharedBytes;
 use common::metrics::{ratio, CommonMetrics, LatencyHistogram, LatencySummary};
 use common::outbuf::SHARE_MIN;
+use common::peer::{PeerClosed, PeerId, PeerLine};
 use common::protocol::{parse_request, Data, Id, Op, Reply, Status};
-use common::server::{peer_index, ClientId, Ctx, Service, Ticket};
+use common::server::{ClientId, Ctx, Service, Ticket};
 use common::window::Windows;
 use log::debug;
-use mio::event::Event;
-use mio::Token;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -197,16 +196,9 @@ impl Proxy {
         if !fresh {
             self.core.counters.origin_fetches += 1;
         }
-        match self.pool.send(fetch, &f.key, fresh, ctx.registry()) {
-            Ok(conn) => {
-                if let Some(f) = self.core.fetches.get_mut(fetch) {
-                    f.conn = Some(conn);
-                }
-            }
-            Err(e) => {
-                let reason = Failure::Refused(e).describe();
-                self.finish(ctx, fetch, Outcome::Failure(reason.into()));
-            }
+        let conn = self.pool.send(ctx, fetch, &f.key, fresh);
+        if let Some(f) = self.core.fetches.get_mut(fetch) {
+            f.conn = Some(conn);
         }
     }
 
@@ -223,15 +215,18 @@ impl Proxy {
         }
     }
 
-    fn on_origin_event(&mut self, ctx: &mut Ctx<Timer>, conn: usize) {
-        match self.pool.on_event(conn, ctx.registry()) {
-            ConnEvent::Nothing => {}
-            ConnEvent::Answer { fetch } => {
-                let line = self.pool.answer(conn).unwrap_or_default();
-                self.core.finish(ctx, fetch, classify(line));
-                self.pool.answered(conn, ctx.registry());
-                self.start_queued(ctx);
-            }
+    fn on_origin_line(&mut self, ctx: &mut Ctx<Timer>, conn: PeerId, line: &[u8]) {
+        let event = self.pool.on_line(ctx, conn);
+        if let ConnEvent::Answer { fetch } = event {
+            self.core.finish(ctx, fetch, classify(line));
+            self.pool.answered(ctx, conn);
+            self.start_queued(ctx);
+        }
+    }
+
+    fn on_origin_closed(&mut self, ctx: &mut Ctx<Timer>, conn: PeerId, closed: PeerClosed) {
+        match self.pool.on_closed(conn, closed) {
+            ConnEvent::Nothing | ConnEvent::Answer { .. } => {}
             ConnEvent::Failed { fetch, failure: Failure::StaleConnection } => {
                 // Once, on a new connection: the origin had closed the idle one.
                 match self.core.fetches.get_mut(fetch) {
@@ -255,7 +250,7 @@ impl Proxy {
         f.timer = None;
         if let Some(conn) = f.conn.take() {
             // A late answer on this connection would belong to nobody: close it.
-            self.pool.close(conn, ctx.registry());
+            self.pool.close(ctx, conn);
         }
         let reason = format!("origin did not answer within {} ms", self.core.origin_timeout.as_millis());
         self.finish(ctx, fetch, Outcome::Failure(reason.into()));
@@ -564,10 +559,12 @@ impl Service for Proxy {
         Some(&self.core.latency_us)
     }
 
-    fn on_peer_event(&mut self, ctx: &mut Ctx<Timer>, token: Token, _event: &Event) {
-        if let Some(conn) = peer_index(token) {
-            self.on_origin_event(ctx, conn);
-        }
+    fn on_peer_line(&mut self, ctx: &mut Ctx<Timer>, peer: PeerId, line: PeerLine<'_>) {
+        self.on_origin_line(ctx, peer, line.bytes());
+    }
+
+    fn on_peer_closed(&mut self, ctx: &mut Ctx<Timer>, peer: PeerId, closed: PeerClosed) {
+        self.on_origin_closed(ctx, peer, closed);
     }
 
     fn on_room(&mut self, ctx: &mut Ctx<Timer>, client: ClientId) {
