@@ -199,7 +199,7 @@ pub fn write_synthetic(out: &mut Vec<u8>, n: u64, value_bytes: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::testkit::temp_dir;
+    use testkit::temp_dir;
 
     fn lookup(store: &Store, key: &str) -> (Lookup, String) {
         let mut out = b"prefix".to_vec();
