@@ -24,6 +24,11 @@ pub struct ClientsConfig {
     pub max_pipeline: usize,
     /// The longest pause between two requests of a connection.
     pub think: Duration,
+    /// Connections that now and then stop reading for a while (up to this long), pipelining
+    /// up to `slow_pipeline` requests meanwhile: their answers pile up at the balancer.
+    pub slow_readers: usize,
+    pub slow_pause: Duration,
+    pub slow_pipeline: usize,
 }
 
 #[derive(Debug)]
@@ -43,6 +48,9 @@ struct Client {
     sent: usize,
     next_at: Duration,
     pipeline: usize,
+    slow: bool,
+    /// Not reading until then.
+    paused_until: Option<Duration>,
 }
 
 /// What an answer said, for the run's counts and checks.
@@ -77,8 +85,8 @@ pub struct Clients {
 impl Clients {
     pub fn new(host: NodeId, target: SocketAddr, config: ClientsConfig, seed: u64) -> Self {
         let mut rng = SplitMix64::new(seed);
-        let clients = (0..config.connections)
-            .map(|_| Client {
+        let clients = (0..config.connections + config.slow_readers)
+            .map(|n| Client {
                 end: None,
                 connected: false,
                 ordered: VecDeque::new(),
@@ -86,7 +94,13 @@ impl Clients {
                 input: Vec::new(),
                 sent: 0,
                 next_at: Duration::from_micros(rng.next_u64() % 20_000),
-                pipeline: 1 + rng.below(config.max_pipeline.max(1)),
+                pipeline: if n < config.connections {
+                    1 + rng.below(config.max_pipeline.max(1))
+                } else {
+                    1 + rng.below(config.slow_pipeline.max(1))
+                },
+                slow: n >= config.connections,
+                paused_until: None,
             })
             .collect();
         Clients { host, target, zipf: Zipf::new(config.keys, config.zipf), config, rng, clients, next_id: 0 }
@@ -103,17 +117,19 @@ impl Clients {
 
     /// Every request sent and answered, every connection closed.
     pub fn done(&self) -> bool {
-        self.clients.iter().all(|c| c.sent >= self.config.requests && c.end.is_none())
+        self.clients.iter().all(|c| c.sent >= self.config.requests && c.end.is_none() && c.paused_until.is_none())
     }
 
     /// When a client next wants to act on its own.
     pub fn next_time(&self) -> Option<Duration> {
-        self.clients
+        let sending = self
+            .clients
             .iter()
             .filter(|c| c.sent < self.config.requests && (c.end.is_none() || c.connected))
             .filter(|c| c.ordered.len() + c.by_id.len() < c.pipeline)
-            .map(|c| c.next_at)
-            .min()
+            .map(|c| c.next_at);
+        let waking = self.clients.iter().filter_map(|c| c.paused_until);
+        sending.chain(waking).min()
     }
 
     /// Client `n`'s connection is ready; then every client does what is due at `now`.
@@ -122,6 +138,10 @@ impl Clients {
             self.on_ready(net, table, *n, now, heard);
         }
         for n in 0..self.clients.len() {
+            if self.clients[n].paused_until.is_some_and(|t| t <= now) {
+                self.clients[n].paused_until = None;
+                self.on_ready(net, table, n, now, heard);
+            }
             self.act(net, n, now);
         }
     }
@@ -129,6 +149,10 @@ impl Clients {
     fn on_ready(&mut self, net: &mut Net, table: &Table, n: usize, now: Duration, heard: &mut Heard) {
         let Some(c) = self.clients.get_mut(n) else { return };
         let Some(end) = c.end else { return };
+        if c.paused_until.is_some() {
+            // Reads when the pause is over.
+            return;
+        }
         if !c.connected {
             match net.connected(end) {
                 Ok(true) => c.connected = true,
@@ -231,6 +255,10 @@ impl Clients {
             }
         }
         c.sent += 1;
+        if c.slow && self.rng.below(20) == 0 {
+            let pause = self.config.slow_pause.as_micros() as u64;
+            c.paused_until = Some(now + Duration::from_micros(self.rng.next_u64() % pause.max(1)));
+        }
         let think = self.config.think.as_micros() as u64;
         c.next_at = now + Duration::from_micros(if think == 0 { 0 } else { self.rng.next_u64() % think });
     }

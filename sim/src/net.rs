@@ -44,13 +44,59 @@ impl EndId {
     }
 }
 
+/// Delivered bytes, kept as the segments they came in.
+#[derive(Debug, Default)]
+struct Inbox {
+    segments: VecDeque<Vec<u8>>,
+    /// Bytes of the front segment already read.
+    offset: usize,
+    len: usize,
+}
+
+impl Inbox {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn clear(&mut self) {
+        *self = Inbox::default();
+    }
+
+    fn push(&mut self, bytes: Vec<u8>) {
+        self.len += bytes.len();
+        self.segments.push_back(bytes);
+    }
+
+    /// Fills `buf` from the front (the caller asks for no more than `len`).
+    fn take(&mut self, buf: &mut [u8]) {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let Some(front) = self.segments.front() else { break };
+            let available = &front[self.offset..];
+            let n = available.len().min(buf.len() - filled);
+            buf[filled..filled + n].copy_from_slice(&available[..n]);
+            filled += n;
+            self.offset += n;
+            if self.offset == front.len() {
+                self.segments.pop_front();
+                self.offset = 0;
+            }
+        }
+        self.len -= filled;
+    }
+}
+
 #[derive(Debug)]
 struct End {
     owner: NodeId,
     tag: Tag,
     addr: SocketAddr,
     /// Delivered and not yet read.
-    inbox: VecDeque<u8>,
+    inbox: Inbox,
     /// Sent toward this end and not yet delivered.
     in_flight: usize,
     /// The other side's FIN has arrived: once `inbox` is empty, reads give 0.
@@ -97,6 +143,9 @@ pub struct NetConfig {
     pub split: f64,
     /// Chance that a read returns fewer bytes than are there.
     pub partial_read: f64,
+    /// Chance that a segment takes `spike` instead (a long tail: a retransmit, a busy host).
+    pub spike_chance: f64,
+    pub spike: Duration,
 }
 
 impl Default for NetConfig {
@@ -108,6 +157,8 @@ impl Default for NetConfig {
             partial_write: 0.2,
             split: 0.3,
             partial_read: 0.2,
+            spike_chance: 0.002,
+            spike: Duration::from_millis(30),
         }
     }
 }
@@ -251,7 +302,8 @@ impl Net {
         let (lo, hi) = (self.config.latency_min, self.config.latency_max);
         let span = hi.saturating_sub(lo).as_nanos() as u64;
         let extra = if span == 0 { 0 } else { self.rng.next_u64() % span };
-        lo + Duration::from_nanos(extra)
+        let spike = self.chance(self.config.spike_chance);
+        lo + Duration::from_nanos(extra) + if spike { self.config.spike } else { Duration::ZERO }
     }
 
     fn chance(&mut self, p: f64) -> bool {
@@ -295,7 +347,7 @@ impl Net {
             owner,
             tag,
             addr,
-            inbox: VecDeque::new(),
+            inbox: Inbox::default(),
             in_flight: 0,
             fin: false,
             reset: false,
@@ -358,8 +410,11 @@ impl Net {
         if partial && n > 1 {
             n = 1 + (cut % n as u64) as usize;
         }
-        for (slot, byte) in buf.iter_mut().zip(e.inbox.drain(..n)) {
-            *slot = byte;
+        e.inbox.take(&mut buf[..n]);
+        if !e.inbox.is_empty() {
+            // A short read with bytes left: the reader hears of them again (a kernel returns
+            // short only when the socket is empty, and readers rely on that).
+            self.notify(end);
         }
         if let (Some(info), Some(observer)) = (self.info(end), self.observer.as_mut()) {
             observer.read(info, &buf[..n]);
@@ -596,7 +651,7 @@ impl Net {
                 if e.closed || e.reset {
                     return;
                 }
-                e.inbox.extend(bytes);
+                e.inbox.push(bytes);
                 self.notify(to);
             }
             Event::Fin(to) => {
@@ -622,5 +677,110 @@ impl Net {
 
     fn partitioned_conn(&self, conn: usize) -> bool {
         self.conns.get(&conn).is_some_and(|c| self.is_partitioned(c.ends[0].owner, c.ends[1].owner))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// Runs the network until nothing is left to do.
+    fn settle(net: &mut Net) {
+        while let Some(t) = net.next_event() {
+            net.advance(t);
+        }
+    }
+
+    fn connected_pair(net: &mut Net) -> (EndId, EndId) {
+        net.listen(addr(8000), 1);
+        let a = net.connect(0, Tag::Peer(0), addr(8000));
+        settle(net);
+        let (b, _) = net.accept(1).expect("accepted");
+        assert!(net.connected(a).expect("no error"));
+        (a, b)
+    }
+
+    fn read_all(net: &mut Net, end: EndId) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 7];
+        while let Ok(n) = net.read(end, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[test]
+    fn bytes_arrive_in_order_however_they_are_cut() {
+        let mut net = Net::new(7, NetConfig { split: 0.9, partial_write: 0.9, partial_read: 0.9, ..NetConfig::default() });
+        let (a, b) = connected_pair(&mut net);
+        let message: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let mut rest = &message[..];
+        let mut writes = 0;
+        while !rest.is_empty() {
+            let n = net.write(a, rest).expect("room");
+            rest = &rest[n..];
+            writes += 1;
+        }
+        assert!(writes > 1, "partial writes happen");
+        settle(&mut net);
+        assert_eq!(read_all(&mut net, b), message);
+    }
+
+    #[test]
+    fn a_reader_that_stops_reading_blocks_its_writer_then_wakes_it() {
+        let mut net = Net::new(1, NetConfig { window: 100, partial_write: 0.0, ..NetConfig::default() });
+        let (a, b) = connected_pair(&mut net);
+        assert_eq!(net.write(a, &[1; 150]).expect("room"), 100);
+        assert_eq!(net.write(a, &[1; 50]).map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
+        settle(&mut net);
+        net.take_ready();
+        let mut buf = [0u8; 40];
+        assert!(net.read(b, &mut buf).expect("data") > 0);
+        assert!(net.take_ready().contains(&(0, Tag::Peer(0))), "the writer hears of room");
+    }
+
+    #[test]
+    fn nothing_listens_means_refused_and_a_partition_holds_bytes_back() {
+        let mut net = Net::new(3, NetConfig::default());
+        let lost = net.connect(0, Tag::Peer(1), addr(9999));
+        settle(&mut net);
+        assert_eq!(net.connected(lost).map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionRefused));
+
+        let (a, b) = connected_pair(&mut net);
+        net.partition(0, 1);
+        net.write(a, b"held\n").expect("room");
+        let later = net.now() + Duration::from_secs(2);
+        net.advance(later);
+        assert!(read_all(&mut net, b).is_empty(), "nothing crosses a partition");
+        net.heal(0, 1);
+        settle(&mut net);
+        assert_eq!(read_all(&mut net, b), b"held\n");
+    }
+
+    #[test]
+    fn a_close_arrives_after_the_data_and_a_crash_resets_the_other_side() {
+        let mut net = Net::new(5, NetConfig::default());
+        let (a, b) = connected_pair(&mut net);
+        net.write(a, b"last words").expect("room");
+        net.close(a);
+        settle(&mut net);
+        assert_eq!(read_all(&mut net, b), b"last words");
+        assert_eq!(net.read(b, &mut [0u8; 4]).expect("end of stream"), 0);
+
+        let (c, d) = connected_pair(&mut net);
+        net.crash(1);
+        settle(&mut net);
+        assert_eq!(net.read(c, &mut [0u8; 4]).map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
+        let _ = d;
+        let refused = net.connect(0, Tag::Peer(2), addr(8000));
+        settle(&mut net);
+        assert!(net.connected(refused).is_err(), "a crashed node listens no more");
     }
 }

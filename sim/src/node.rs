@@ -147,7 +147,10 @@ pub struct Node<S: Service> {
     live: Option<(Engine<S>, SimSockets)>,
 }
 
-impl<S: Service> Node<S> {
+impl<S: Service> Node<S>
+where
+    S::Timer: 'static,
+{
     pub fn start(id: NodeId, name: &str, addr: SocketAddr, config: ServerConfig, make: Make<S>, net: SharedNet, now: Instant) -> Self {
         let mut node = Node { id, name: name.to_string(), addr, config, make, net, live: None };
         node.restart(now);

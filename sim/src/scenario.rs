@@ -78,6 +78,9 @@ fn base(rng: &mut SplitMix64) -> Plan {
             zipf: 0.99,
             max_pipeline: 1 + rng.below(8),
             think: between(rng, 1, 30),
+            slow_readers: 0,
+            slow_pause: ms(2000),
+            slow_pipeline: 64,
         },
         net: NetConfig::default(),
         actions: Vec::new(),
@@ -95,7 +98,7 @@ pub fn plan(name: &str, seed: u64) -> Option<Plan> {
     let mut rng = SplitMix64::new(seed ^ 0x5eed_5eed_5eed_5eed);
     let mut plan = base(&mut rng);
     let r = &mut rng;
-    let mut add = |plan: &mut Plan, at: Duration, action: Action| {
+    let add = |plan: &mut Plan, at: Duration, action: Action| {
         plan.actions.push((at, action));
         plan.faults_until = plan.faults_until.max(at);
     };
@@ -126,11 +129,14 @@ pub fn plan(name: &str, seed: u64) -> Option<Plan> {
         "herd" => {
             // Many connections on a few hot keys, values changing fast, short TTLs.
             plan.clients.connections = 10 + r.below(20);
+            plan.clients.requests = 30 + r.below(50);
             plan.clients.keys = 1 + r.below(4);
             plan.clients.max_pipeline = 4;
             plan.ttl = between(r, 50, 400);
             plan.value_change_every = between(r, 5, 50);
             plan.origin_latency = between(r, 5, 100);
+            plan.clients.slow_readers = r.below(3);
+            plan.value_pad = 1024 * r.below(16);
         }
         "flapping" => {
             let victim = proxy(r, &plan);
@@ -161,6 +167,10 @@ pub fn plan(name: &str, seed: u64) -> Option<Plan> {
                 }
             }
             plan.net.latency_max = between(r, 1, 5);
+            // Clients that stop reading, and values big enough for their answers to press on
+            // the balancer's output bound (SPEC 3.8).
+            plan.clients.slow_readers = 1 + r.below(3);
+            plan.value_pad = 1024 * (1 + r.below(32));
         }
         _ => return None,
     }

@@ -26,6 +26,9 @@ use crate::values::{key_name, SimValues, Table};
 const ORIGIN_PORT: u16 = 8000;
 const PROXY_PORT: u16 = 8001;
 const BALANCER_PORT: u16 = 9000;
+/// Idle pooled connections a node may keep to its peers (the proxies' origin pool keeps up to
+/// `--origin-max-inflight`, 64 by default).
+const POOL_BOUND: usize = 72;
 
 /// The balancer's settings in the simulator: the binary's defaults, with health checks a
 /// little faster so that a short run sees proxies go down and come back.
@@ -490,8 +493,11 @@ impl World {
             let name = self.name(id);
             for (what, n) in self.nodes[id].outstanding() {
                 let allowed = match what.as_str() {
-                    // Pooled connections and periodic timers stay; a bounded number of them.
-                    "peer connections" => 8 * self.proxies.len() + 8,
+                    // The simulated clients have all closed their connections to the balancer.
+                    "client connections" if id == self.balancer => 0,
+                    // Pooled connections (a proxy's to its origin, the balancer's to the proxies,
+                    // each seen at both ends) and periodic timers stay; a bounded number of them.
+                    "client connections" | "peer connections" => POOL_BOUND,
                     "timers" => 4 * self.proxies.len() + 8,
                     _ => 0,
                 };
