@@ -1,6 +1,8 @@
 //! Every way an attempt to a proxy can fail, in one enum: what the retry decision, the
 //! passive health check and the client's error message are made from.
 
+use common::peer::{PeerClosed, PeerEnd};
+
 /// Why an attempt (a GET sent to one proxy) got no usable answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
@@ -23,12 +25,25 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// What a failed `connect` call means.
+    /// What a failed connect means: a local shortage (descriptors, memory, ports) is not the
+    /// proxy's doing; any other failure to reach it (refused, unreachable, timed out) is.
     pub fn of_connect(e: &std::io::Error) -> Failure {
-        if e.kind() == std::io::ErrorKind::ConnectionRefused {
-            Failure::Refused
-        } else {
+        let local = [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM, libc::ENOSPC, libc::EADDRNOTAVAIL];
+        if e.kind() != std::io::ErrorKind::ConnectionRefused && e.raw_os_error().is_some_and(|n| local.contains(&n)) {
             Failure::CannotConnect
+        } else {
+            Failure::Refused
+        }
+    }
+
+    /// What the end of a connection the driver closed means for what it carried.
+    pub fn of_end(closed: &PeerClosed) -> Failure {
+        match &closed.end {
+            PeerEnd::ConnectFailed(e) => Failure::of_connect(e),
+            PeerEnd::Failed(_) if !closed.was_connected => Failure::Refused,
+            PeerEnd::Failed(_) => Failure::Reset,
+            PeerEnd::Closed => Failure::Closed,
+            PeerEnd::LineTooLong => Failure::TooLong,
         }
     }
 

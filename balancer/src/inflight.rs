@@ -196,7 +196,7 @@ impl InFlight {
             }
         }
         for w in r.waiters() {
-            self.latency_us.record(w.received.elapsed());
+            self.latency_us.record(ctx.now().saturating_duration_since(w.received));
         }
         self.forget(attempt.request, r, line.len());
         Ok(None)
@@ -209,7 +209,7 @@ impl InFlight {
         for w in r.waiters() {
             let id = w.client_id().and_then(Id::from_raw_json);
             ctx.complete(w.ticket, |out| Reply::error(Status::ProxyUnreachable, &message).id(id).encode(out));
-            self.latency_us.record(w.received.elapsed());
+            self.latency_us.record(ctx.now().saturating_duration_since(w.received));
         }
         self.forget(index, r, 0);
     }
