@@ -84,4 +84,22 @@ mod tests {
         assert!(!Failure::CannotConnect.counts_against_proxy());
         assert!(Failure::Refused.marks_down_at_once() && !Failure::Reset.marks_down_at_once());
     }
+
+    #[test]
+    fn how_a_connection_ended_says_what_failed() {
+        use std::io::{Error, ErrorKind};
+        let end = |end, was_connected| Failure::of_end(&PeerClosed { end, received: 0, was_connected });
+        let refused = || PeerEnd::ConnectFailed(Error::from(ErrorKind::ConnectionRefused));
+        assert_eq!(end(refused(), false), Failure::Refused);
+        let unreachable = PeerEnd::ConnectFailed(Error::from_raw_os_error(libc::EHOSTUNREACH));
+        assert_eq!(end(unreachable, false), Failure::Refused, "the proxy cannot be reached");
+        for local in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::EADDRNOTAVAIL] {
+            let short = PeerEnd::ConnectFailed(Error::from_raw_os_error(local));
+            assert_eq!(end(short, false), Failure::CannotConnect, "a local shortage: {local}");
+        }
+        assert_eq!(end(PeerEnd::Failed(Error::from(ErrorKind::ConnectionReset)), true), Failure::Reset);
+        assert_eq!(end(PeerEnd::Failed(Error::from(ErrorKind::ConnectionReset)), false), Failure::Refused);
+        assert_eq!(end(PeerEnd::Closed, true), Failure::Closed);
+        assert_eq!(end(PeerEnd::LineTooLong, true), Failure::TooLong);
+    }
 }

@@ -219,6 +219,13 @@ impl PurgeLinks {
         Some(c)
     }
 
+    /// `backend`'s connection, for tests.
+    #[cfg(test)]
+    fn peer_of(&self, backend: usize) -> Option<PeerId> {
+        let conn = self.of_backend.get(backend).copied().flatten()?;
+        self.conns.get(conn).map(|c| c.peer)
+    }
+
     /// A proxy in line may have a connection now: returns it with its queued fan-outs, to
     /// [`PurgeLinks::ask`] again (each is counted as asked already).
     pub fn next_in_line(&mut self) -> Option<(usize, VecDeque<Waiting>)> {
@@ -241,7 +248,7 @@ mod tests {
     fn proxies_past_the_budget_wait_in_line_and_share_one_connection_each() {
         let listeners: Vec<TcpListener> = (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        with_ctx(|ctx| {
+        with_ctx::<()>(|ctx| {
             let mut links = PurgeLinks::new(2);
             let now = Instant::now();
             let ask = Ask { key: "k", deadline: now + Duration::from_secs(1) };
@@ -263,6 +270,33 @@ mod tests {
             assert_eq!(backend, 2);
             assert_eq!(waiting.iter().map(|(f, _)| *f).collect::<Vec<_>>(), vec![0, 1]);
             assert!(links.next_in_line().is_none());
+        });
+    }
+
+    #[test]
+    fn a_connection_that_cannot_be_made_leaves_its_purges_unheard_or_unasked() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        with_ctx::<()>(|ctx| {
+            let mut links = PurgeLinks::new(4);
+            let ask = Ask { key: "k", deadline: Instant::now() + Duration::from_secs(1) };
+            for fan_out in 0..2 {
+                for backend in 0..2 {
+                    links.ask(ctx, &ask, (backend, addr), fan_out);
+                }
+            }
+            let failed = |e| PeerClosed { end: PeerEnd::ConnectFailed(e), received: 0, was_connected: false };
+            let mut heard = Vec::new();
+            // Refused: the proxy holds nothing, it is not counted.
+            let refused = failed(std::io::ErrorKind::ConnectionRefused.into());
+            assert!(links.on_closed(links.peer_of(0).unwrap(), &refused, &mut heard));
+            assert_eq!(heard, vec![Heard1::Silent { fan_out: 0 }, Heard1::Silent { fan_out: 1 }]);
+            // Out of descriptors: the proxy could not be asked, so the PURGE is OVERLOADED.
+            heard.clear();
+            let short = failed(std::io::Error::from_raw_os_error(libc::EMFILE));
+            assert!(links.on_closed(links.peer_of(1).unwrap(), &short, &mut heard));
+            assert_eq!(heard, vec![Heard1::Short { fan_out: 0 }, Heard1::Short { fan_out: 1 }]);
+            assert_eq!(links.open_conns(), 0);
+            assert!(!links.involve(0) && !links.involve(1));
         });
     }
 }

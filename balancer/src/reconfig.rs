@@ -215,3 +215,25 @@ fn decode_addr(path_part: &str) -> String {
     out.push_str(rest);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use common::server::Service;
+
+    use crate::membership::{Host, Member, ProxySpec};
+    use crate::service::{Balancer, Timer};
+    use crate::test_ctx::with_ctx;
+    use crate::BalancerConfig;
+
+    #[test]
+    fn without_a_waker_names_are_not_looked_up_and_addresses_still_serve() {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
+        let mut config = BalancerConfig::new(&[]);
+        config.proxies = vec![Member { addr, name: Some("localhost".into()) }];
+        config.specs = vec![ProxySpec { host: Host::Name("localhost".into()), port: 1 }];
+        let mut balancer = Balancer::new(config);
+        with_ctx::<Timer>(|ctx| balancer.on_start(ctx));
+        assert!(balancer.resolver.is_none(), "no resolver thread without a waker");
+        assert_eq!(balancer.core.backends.len(), 1);
+    }
+}

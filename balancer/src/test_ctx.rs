@@ -2,6 +2,7 @@
 //! engine over sockets that never connect (connects stay under way; nothing is read).
 
 use std::io::{self, Empty};
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -31,24 +32,25 @@ impl Sockets for NoSockets {
     fn drop_peer(&mut self, _: usize) {}
 }
 
-/// Runs `test` once, from the service's `on_start`.
-struct Once<F>(Option<F>);
+/// Runs `test` once, from the service's `on_start`; `T` is the timer type it wants.
+struct Once<F, T>(Option<F>, PhantomData<T>);
 
-impl<F: FnOnce(&mut Ctx<()>)> Service for Once<F> {
-    type Timer = ();
+impl<T, F: FnOnce(&mut Ctx<T>)> Service for Once<F, T> {
+    type Timer = T;
 
-    fn on_start(&mut self, ctx: &mut Ctx<()>) {
+    fn on_start(&mut self, ctx: &mut Ctx<T>) {
         if let Some(test) = self.0.take() {
             test(ctx);
         }
     }
-    fn on_line(&mut self, _: &mut Ctx<()>, _: ClientId, _: &[u8]) {}
-    fn on_timer(&mut self, _: &mut Ctx<()>, _: ()) {}
+    fn on_line(&mut self, _: &mut Ctx<T>, _: ClientId, _: &[u8]) {}
+    fn on_timer(&mut self, _: &mut Ctx<T>, _: T) {}
 }
 
-/// Runs `test` with a live `Ctx`.
-pub fn with_ctx(test: impl FnOnce(&mut Ctx<()>)) {
+/// Runs `test` with a live `Ctx` (no waker, as in the simulator).
+pub fn with_ctx<T>(test: impl FnOnce(&mut Ctx<T>)) {
     let addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut engine = Engine::new(ServerConfig::default(), addr, Once(Some(test)), None, Instant::now()).unwrap();
+    let service = Once(Some(test), PhantomData);
+    let mut engine = Engine::new(ServerConfig::default(), addr, service, None, Instant::now()).unwrap();
     engine.start(&mut NoSockets, Instant::now(), false);
 }
