@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::testkit::{metrics, temp_dir, wait_until, LineClient, RunningServer};
 use serde_json::Value;
+use testkit::{metrics, temp_dir, wait_until, LineClient, RunningServer};
 
 /// Waits until the balancer has probed every proxy and knows whether it multiplexes.
 fn wait_probed(balancer: SocketAddr, proxies: &[SocketAddr]) {

@@ -12,8 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::random::SplitMix64;
-use common::testkit::{metrics, rss_kib, LineClient, RunningServer};
 use serde_json::Value;
+use testkit::{metrics, rss_kib, LineClient, RunningServer};
 
 /// Runs HEALTH round trips on its own connection until stopped; returns the slowest.
 struct Prober {
@@ -220,8 +220,8 @@ const COLLAPSE_RSS_BOUND_KIB: u64 = 16 * 1024;
 /// upstream request, for a client that never reads: the answers share the value's bytes.
 #[test]
 fn collapsed_answers_to_a_client_that_never_reads_stay_bounded() {
-    use common::testkit::ChildService;
-    use common::testkit::{data_dir_with_big_value, rss_growth_under_a_non_reading_client, workspace_bin};
+    use testkit::ChildService;
+    use testkit::{data_dir_with_big_value, rss_growth_under_a_non_reading_client, workspace_bin};
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = data_dir_with_big_value("balancer-rss", 256 * 1024);
     let bin = |name: &str| workspace_bin(name).unwrap().to_str().unwrap().to_owned();
@@ -236,7 +236,7 @@ fn collapsed_answers_to_a_client_that_never_reads_stay_bounded() {
     let balancer = ChildService::spawn(&bin("balancer"), &["--port", "0", "--proxies", &proxy_addr]).unwrap();
     let addr = balancer.addr();
     // Wait for the balancer to see the proxy healthy, so that the GETs are forwarded.
-    assert!(common::testkit::wait_until(Duration::from_secs(10), || {
+    assert!(testkit::wait_until(Duration::from_secs(10), || {
         LineClient::connect(addr).unwrap().request("GET big").unwrap()["status"] == "OK"
     }));
     let proxy_purge = LineClient::connect(proxy.addr()).unwrap().request("PURGE big").unwrap();
@@ -281,7 +281,7 @@ fn replay_crashers(target: &str) -> usize {
                 let (addr, proxy) = fuzz_harness::balancer();
                 proxy.set(answer);
                 // The balancer only forwards once it has seen the peer healthy.
-                assert!(common::testkit::wait_until(Duration::from_secs(5), || {
+                assert!(testkit::wait_until(Duration::from_secs(5), || {
                     metrics(addr).unwrap()["proxies"].as_object().unwrap().values().all(|p| p["healthy"] == true)
                 }));
                 fuzz_harness::drive(addr, client);

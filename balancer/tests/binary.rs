@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use common::testkit::{metrics, ChildService, LineClient, RunningServer};
+use testkit::{metrics, ChildService, LineClient, RunningServer};
 
 const BALANCER: &str = env!("CARGO_BIN_EXE_balancer");
 
@@ -178,9 +178,9 @@ fn sigterm_answers_the_requests_in_flight_upstream_then_exits_zero() {
     let mut balancer =
         ChildService::spawn(BALANCER, &["--port", "0", "--proxies", &upstream, "--log-level", "warn"]).unwrap();
     let addr = balancer.addr();
-    let mut c = common::testkit::LineClient::connect(addr).unwrap();
+    let mut c = testkit::LineClient::connect(addr).unwrap();
     c.send("GET article/3").unwrap();
-    assert!(common::testkit::wait_until(std::time::Duration::from_secs(5), || metrics(addr).unwrap()["in_flight"] == 1));
+    assert!(testkit::wait_until(std::time::Duration::from_secs(5), || metrics(addr).unwrap()["in_flight"] == 1));
     balancer.signal("TERM").unwrap();
     let answer = c.recv().unwrap();
     assert_eq!((answer["status"].as_str(), &answer["data"]["id"]), (Some("OK"), &serde_json::json!(3)));

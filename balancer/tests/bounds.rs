@@ -8,8 +8,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::testkit::{metrics, rss_kib, wait_until, workspace_bin, ChildService};
 use serde_json::Value;
+use testkit::{metrics, rss_kib, wait_until, workspace_bin, ChildService};
 
 const BALANCER: &str = env!("CARGO_BIN_EXE_balancer");
 const GETS: usize = 1000;
@@ -31,7 +31,7 @@ fn cluster() -> Cluster {
     let origin = workspace_bin("origin").unwrap();
     let keys = GETS.to_string();
     let value_bytes = VALUE_BYTES.to_string();
-    let data = common::testkit::temp_dir("bounds-origin");
+    let data = testkit::temp_dir("bounds-origin");
     let args = ["--data-dir", data.to_str().unwrap(), "--synthetic-keys", &keys, "--value-bytes", &value_bytes];
     let origin = ChildService::spawn(origin.to_str().unwrap(), &[&["--port", "0"][..], &args].concat()).unwrap();
     let proxy = workspace_bin("proxy").unwrap();
@@ -88,7 +88,7 @@ fn a_client_that_never_reads_distinct_big_values_costs_each_tier_about_its_outpu
     assert!(px_growth < RSS_BOUND_KIB, "the proxy grew by {px_growth} KiB");
 
     // Others are served meanwhile.
-    let mut other = common::testkit::LineClient::connect(lb).unwrap();
+    let mut other = testkit::LineClient::connect(lb).unwrap();
     assert_eq!(other.request("GET synthetic/5").unwrap()["status"], "OK");
 
     // The client reads: every answer comes, right and in order.
@@ -130,7 +130,7 @@ fn under_a_tight_descriptor_limit_the_purge_budget_shrinks_with_the_reserve() {
 }
 
 fn purge_fan_out(nofile: usize, purges: usize, budget: usize) {
-    use common::testkit::{FakeBehavior, FakeServer};
+    use testkit::{FakeBehavior, FakeServer};
     const PROXIES: usize = 128;
     const GETS_MEANWHILE: usize = 10;
     let answer = r#"{"status":"OK","data":{"purged":true}}"#.to_string();
@@ -143,7 +143,7 @@ fn purge_fan_out(nofile: usize, purges: usize, budget: usize) {
         list.join(" ")
     );
     let lb = ChildService::spawn("sh", &["-c", &script]).unwrap();
-    let mut other = common::testkit::LineClient::connect(lb.addr()).unwrap();
+    let mut other = testkit::LineClient::connect(lb.addr()).unwrap();
     // The start-up probes done (each proxy heard its HEALTH, or its probe failed at once for
     // want of a descriptor) and their connections closed, so they are not counted against
     // the PURGEs. Polls never start: their first one waits for the 600 s health time-out.
@@ -156,7 +156,7 @@ fn purge_fan_out(nofile: usize, purges: usize, budget: usize) {
     }));
     let baseline = open_descriptors(lb.pid());
 
-    let mut c = common::testkit::LineClient::connect(lb.addr()).unwrap();
+    let mut c = testkit::LineClient::connect(lb.addr()).unwrap();
     let batch: String = (0..purges).map(|i| format!("PURGE k/{i}\n")).collect();
     c.send_raw(batch.as_bytes()).unwrap();
     let (mut ok, mut overloaded, mut peak) = (0, 0, 0);

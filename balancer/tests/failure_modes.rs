@@ -12,10 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use balancer::BalancerConfig;
-use common::testkit::{
-    metrics, wait_until, workspace_bin, ChildService, FakeBehavior, FakeServer, LineClient, RunningServer,
-};
 use serde_json::Value;
+use testkit::{metrics, wait_until, workspace_bin, ChildService, FakeBehavior, FakeServer, LineClient, RunningServer};
 
 fn start_origin(latency: Duration) -> RunningServer {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../origin/data");

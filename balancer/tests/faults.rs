@@ -7,8 +7,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use balancer::BalancerConfig;
-use common::testkit::{free_port, metrics, wait_until, workspace_bin, ChildService, LineClient, RunningServer};
 use serde_json::Value;
+use testkit::{free_port, metrics, wait_until, workspace_bin, ChildService, LineClient, RunningServer};
 
 fn start_origin() -> RunningServer {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../origin/data");

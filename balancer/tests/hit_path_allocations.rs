@@ -14,7 +14,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::server::{Server, Service};
-use common::testkit::{metrics, wait_until};
+use testkit::{metrics, wait_until};
 
 struct Counting;
 

@@ -7,8 +7,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::testkit::{metrics, rss_kib, temp_dir, wait_until, workspace_bin, ChildService};
 use serde_json::Value;
+use testkit::{metrics, rss_kib, temp_dir, wait_until, workspace_bin, ChildService};
 
 const TINY: usize = 300;
 const CLIENTS: usize = 4;

@@ -11,8 +11,8 @@ use std::sync::mpsc::{channel, Receiver};
 use std::thread;
 use std::time::Duration;
 
-use common::testkit::{metrics, wait_until, LineClient, RunningServer};
 use serde_json::Value;
+use testkit::{metrics, wait_until, LineClient, RunningServer};
 
 /// One GET the fake proxy got: its key and tag, and the connection to answer it on.
 struct Got {
@@ -197,7 +197,7 @@ fn a_hundred_thousand_levels_pass_and_ten_mebibytes_of_brackets_fail_only_their_
 /// three such GETs (from one client) marked every proxy DOWN.
 #[test]
 fn a_value_with_a_lone_surrogate_escape_is_relayed_and_marks_no_proxy_down() {
-    let dir = common::testkit::temp_dir("balancer-surrogate");
+    let dir = testkit::temp_dir("balancer-surrogate");
     std::fs::write(dir.join("lone.json"), "[\"\\ud800\",\"\\udfff x\"]").unwrap();
     let origin = RunningServer::start(origin::bind(origin::OriginConfig::new(&dir)).unwrap());
     let proxies: Vec<RunningServer> =
@@ -227,7 +227,7 @@ fn a_value_with_a_lone_surrogate_escape_is_relayed_and_marks_no_proxy_down() {
 
 #[test]
 fn odd_client_ids_come_back_byte_for_byte_on_the_error_path_too() {
-    let dead = common::testkit::refused_addr();
+    let dead = testkit::refused_addr();
     let mut config = balancer::BalancerConfig::new(&[dead]);
     config.retries = 0;
     let balancer = RunningServer::start(balancer::bind(config).unwrap());

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::random::SplitMix64;
-use common::testkit::{metrics, rss_kib, temp_dir, wait_until, ChildService, LineClient, RunningServer};
 use serde_json::Value;
+use testkit::{metrics, rss_kib, temp_dir, wait_until, ChildService, LineClient, RunningServer};
 
 /// Value sizes (bytes of each file's JSON): small, just past the sharing thresholds, the
 /// benchmark's 64 KiB and 512 KiB, and the origin's default `--max-file-bytes` exactly.
@@ -180,7 +180,7 @@ fn a_slow_reader_of_large_values_stays_within_the_memory_bound() {
     const KEYS: usize = 32;
     const REQUESTS: usize = 256;
     let (dir, values) = data_dir("large-slow-reader", &[512 * 1024; KEYS]);
-    let bin = |name: &str| common::testkit::workspace_bin(name).unwrap().to_str().unwrap().to_owned();
+    let bin = |name: &str| testkit::workspace_bin(name).unwrap().to_str().unwrap().to_owned();
     let origin = ChildService::spawn(&bin("origin"), &["--port", "0", "--data-dir", dir.to_str().unwrap()]).unwrap();
     let origin_port = origin.addr().port().to_string();
     let proxy = ChildService::spawn(&bin("proxy"), &["--port", "0", "--origin-port", &origin_port]).unwrap();

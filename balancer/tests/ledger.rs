@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::testkit::{free_port, metrics, wait_until, workspace_bin, ChildService, LineClient};
 use serde_json::Value;
+use testkit::{free_port, metrics, wait_until, workspace_bin, ChildService, LineClient};
 
 const WORKERS: usize = 8;
 const PER_WORKER: usize = 5_000;

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::testkit::{metrics, wait_until, workspace_bin, LineClient, RunningServer};
 use observe::{http, scratch, Child2};
 use serde_json::Value;
+use testkit::{metrics, wait_until, workspace_bin, LineClient, RunningServer};
 
 struct Rig {
     _origin: RunningServer,

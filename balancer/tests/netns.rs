@@ -13,8 +13,8 @@ use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::testkit::{wait_until, workspace_bin, ChildService};
 use serde_json::Value;
+use testkit::{wait_until, workspace_bin, ChildService};
 
 const SUBNET: &str = "10.200.77";
 
@@ -308,7 +308,7 @@ fn proxies_behind_a_dns_name_join_and_leave_under_load() {
     hosts.add_host("cl", 20, "p-client");
 
     // dnsmasq: only our hosts file, nothing upstream, nothing of this machine's.
-    let dir = common::testkit::temp_dir("netns-dns");
+    let dir = testkit::temp_dir("netns-dns");
     let hosts_file = dir.join("proxies.hosts");
     write_hosts(&hosts_file, &lasts[..3]);
     let dns_host = format!("{SUBNET}.30");

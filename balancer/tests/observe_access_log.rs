@@ -9,9 +9,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::testkit::{metrics, wait_until, workspace_bin, LineClient};
 use observe::{data_dir, scratch, Child2};
 use serde_json::Value;
+use testkit::{metrics, wait_until, workspace_bin, LineClient};
 
 fn lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)

@@ -9,8 +9,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::testkit::{metrics, rss_kib, wait_until, LineClient};
 use observe::{cluster, data_dir, get, http, http_raw, read_response, sample, Child2};
+use testkit::{metrics, rss_kib, wait_until, LineClient};
 
 #[test]
 fn paths_methods_and_status_codes() {

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::testkit::{free_port, wait_until, LineClient};
 use observe::{get, http, scratch, tool_or_skip, Child2};
 use serde_json::Value;
+use testkit::{free_port, wait_until, LineClient};
 
 /// The flags every Chromium run gets: headless, as root, nothing fetched from the network
 /// but our page, and a profile of its own.
@@ -151,8 +151,7 @@ fn dashboard_in_a_real_browser() {
     // second, and the page (polling every second) must show it within 3 s.
     args.extend(["--health-interval-ms", "250", "--fall", "2", "--metrics-interval-ms", "500", "--proxies"]);
     args.extend(names.iter().map(String::as_str));
-    let balancer =
-        Child2::spawn_path(&common::testkit::workspace_bin("balancer").unwrap(), &args, Stdio::inherit()).unwrap();
+    let balancer = Child2::spawn_path(&testkit::workspace_bin("balancer").unwrap(), &args, Stdio::inherit()).unwrap();
     let admin = balancer.admin.unwrap();
     let url = format!("http://{admin}/");
 

@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::testkit::{free_port, wait_until, LineClient};
 use observe::{cluster, get, scratch, tool_or_skip, Child2};
 use serde_json::Value;
+use testkit::{free_port, wait_until, LineClient};
 
 fn promtool_check(exposition: &str) -> (bool, String) {
     let mut child = Command::new("promtool")

@@ -12,10 +12,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use common::testkit::{
-    free_port, refused_addr, wait_until, workspace_bin, ChildService, RunningServer, ANSWER_TIMEOUT,
-};
 use serde_json::Value;
+use testkit::{free_port, refused_addr, wait_until, workspace_bin, ChildService, RunningServer, ANSWER_TIMEOUT};
 
 const BALANCER: &str = env!("CARGO_BIN_EXE_balancer");
 const KEYS: usize = 1000;

@@ -8,8 +8,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use balancer::{BalancerConfig, Strategy};
-use common::testkit::{metrics, refused_addr, wait_until, FakeBehavior, FakeServer, LineClient, RunningServer};
 use serde_json::{json, Value};
+use testkit::{metrics, refused_addr, wait_until, FakeBehavior, FakeServer, LineClient, RunningServer};
 
 fn start_origin(latency_ms: u64) -> RunningServer {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../origin/data");

@@ -152,7 +152,7 @@ pub struct SimulatedLru {
 
 /// One LRU cache fed the same keys the bench sends, in the order it sends them.
 struct LruModel {
-    cache: proxy::cache::Cache,
+    cache: cache::Cache,
     epoch: Instant,
     key: String,
     hits: u64,
@@ -161,8 +161,8 @@ struct LruModel {
 
 impl LruModel {
     fn new(capacity: usize) -> Self {
-        let config = proxy::cache::CacheConfig {
-            policy: proxy::cache::Policy::Lru,
+        let config = cache::CacheConfig {
+            policy: cache::Policy::Lru,
             capacity,
             max_bytes: None,
             ttl: Duration::ZERO,
@@ -170,7 +170,7 @@ impl LruModel {
             stale_grace: Duration::ZERO,
         };
         let epoch = Instant::now();
-        LruModel { cache: proxy::cache::Cache::new(config, epoch), epoch, key: String::new(), hits: 0, lookups: 0 }
+        LruModel { cache: cache::Cache::new(config, epoch), epoch, key: String::new(), hits: 0, lookups: 0 }
     }
 
     fn access(&mut self, prefix: &str, index: usize, measured: bool) {

@@ -6,7 +6,7 @@ pub mod top;
 
 use std::time::{Duration, Instant};
 
-use common::testkit::LineClient;
+use common::line_client::LineClient;
 use serde_json::{json, Map, Value};
 
 /// The status the CLI reports when it could not talk to the service at all.

@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use client::bench::{self, BenchConfig, Dist};
-use common::testkit::{refused_addr, RunningServer};
 use serde_json::Value;
+use testkit::{refused_addr, RunningServer};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_client");
 
@@ -146,7 +146,7 @@ fn bench_json_output_is_one_object_with_the_summary_fields() {
 
 #[test]
 fn a_service_that_never_answers_is_a_client_connection_error_after_the_timeout() {
-    let silent = common::testkit::FakeServer::start(common::testkit::FakeBehavior::Silent).unwrap();
+    let silent = testkit::FakeServer::start(testkit::FakeBehavior::Silent).unwrap();
     let started = std::time::Instant::now();
     let (code, answer) = run_client(silent.addr().port(), &["--get", "article/1", "--timeout-ms", "300"]);
     assert_ne!(code, Some(0));

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::testkit::{temp_dir, workspace_bin};
+use testkit::{temp_dir, workspace_bin};
 
 /// Each template: its unit name, the binary it runs, an instance to verify, its example env file.
 struct Template {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::testkit::{free_port, refused_addr, temp_dir, wait_until, workspace_bin, ChildService};
+use testkit::{free_port, refused_addr, temp_dir, wait_until, workspace_bin, ChildService};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use balancer::BalancerConfig;
-use common::testkit::{metrics, refused_addr, wait_until, FakeBehavior, FakeServer, LineClient, RunningServer};
+use testkit::{metrics, refused_addr, wait_until, FakeBehavior, FakeServer, LineClient, RunningServer};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_client");
 
@@ -213,7 +213,7 @@ impl Tmux {
     fn start() -> Tmux {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let socket = format!("cachetier-top-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
-        let dir = common::testkit::temp_dir("top-tmux");
+        let dir = testkit::temp_dir("top-tmux");
         let config = dir.join("tmux.conf");
         std::fs::write(&config, "set -g status off\n").unwrap();
         let tmux = Tmux { socket, config };

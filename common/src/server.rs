@@ -218,6 +218,13 @@ pub trait Service {
 
     /// About once a second while the admin listener is on (the balancer samples its history).
     fn on_admin_tick(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
+
+    /// Work the service holds for requests not yet answered (fetches, waiters, attempts,
+    /// parked requests...), by name: all zero once the cluster is idle, or something leaked.
+    /// The simulator checks it at the end of every run.
+    fn outstanding(&self) -> Vec<(String, usize)> {
+        Vec::new()
+    }
 }
 
 /// Everything a service may do to the world: answer clients, talk to peers, schedule timers,

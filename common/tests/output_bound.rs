@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::framing::SharedBytes;
 use common::server::{ClientId, Ctx, Server, ServerConfig, Service, Ticket};
-use common::testkit::{wait_until, RunningServer};
+use testkit::{wait_until, RunningServer};
 
 /// `SLOW` is answered only when `RELEASE` arrives (on any connection); `BIG` at once with
 /// 64 KiB; `SHARED` at once with one shared 64 KiB value; `COUNT` with how many BIG and
@@ -85,13 +85,13 @@ fn answers_waiting_behind_an_earlier_one_count_against_the_bound() {
 #[test]
 fn shared_bytes_count_once_per_connection_and_arrive_whole() {
     let (server, handled) = start(256 * 1024);
-    let mut c = common::testkit::LineClient::connect(server.addr()).unwrap();
+    let mut c = testkit::LineClient::connect(server.addr()).unwrap();
     // Behind a SLOW, 100 SHARED answers wait in their slots: counted as one value, so all are
     // read (100 copies would be 6.4 MB, far over the bound).
     c.send_raw(b"SLOW\n").unwrap();
     c.send_raw(&b"SHARED\n".repeat(100)).unwrap();
     assert!(wait_until(Duration::from_secs(5), || handled.load(Ordering::SeqCst) == 100));
-    common::testkit::LineClient::connect(server.addr()).unwrap().send_raw(b"RELEASE\n").unwrap();
+    testkit::LineClient::connect(server.addr()).unwrap().send_raw(b"RELEASE\n").unwrap();
     assert_eq!(c.recv_line().unwrap().unwrap(), "slow\n");
     let expected = format!("<{}>\n", "s".repeat(VALUE));
     for _ in 0..100 {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
-use common::testkit::RunningServer;
+use testkit::RunningServer;
 
 /// How long one input may take before the service counts as hung.
 pub const LIMIT: Duration = Duration::from_secs(5);
@@ -136,12 +136,12 @@ pub fn split(data: &[u8]) -> (&[u8], &[u8]) {
 /// Sends `client` to `addr` and checks the answers; then checks the service still answers
 /// another client. Panics (a crash for the fuzzer) on any failure.
 pub fn drive(addr: SocketAddr, client: &[u8]) {
-    let output = common::testkit::exchange(addr, client, LIMIT)
+    let output = testkit::exchange(addr, client, LIMIT)
         .unwrap_or_else(|e| panic!("{e} for {:?}", String::from_utf8_lossy(client)));
-    if let Err(why) = common::testkit::check_answers(client, &output, MAX_LINE) {
+    if let Err(why) = testkit::check_answers(client, &output, MAX_LINE) {
         panic!("{why}: sent {:?}, got {:?}", String::from_utf8_lossy(client), String::from_utf8_lossy(&output));
     }
-    let health = common::testkit::exchange(addr, b"HEALTH\n", LIMIT).expect("HEALTH after the input");
+    let health = testkit::exchange(addr, b"HEALTH\n", LIMIT).expect("HEALTH after the input");
     assert!(
         health.starts_with(b"{\"status\":\"OK\""),
         "HEALTH after the input: {:?}",

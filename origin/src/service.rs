@@ -117,6 +117,11 @@ impl Origin {
 impl Service for Origin {
     type Timer = Delayed;
 
+    fn outstanding(&self) -> Vec<(String, usize)> {
+        let parked = self.parked.values().map(VecDeque::len).sum();
+        vec![("GETs waiting out the latency".into(), self.delayed), ("GETs waiting for room".into(), parked)]
+    }
+
     fn on_line(&mut self, ctx: &mut Ctx<Delayed>, client: ClientId, line: &[u8]) {
         let now = ctx.now();
         let request = match parse_request(line) {

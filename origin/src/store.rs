@@ -29,8 +29,16 @@ pub struct Synthetic {
 
 const SYNTHETIC_PREFIX: &str = "synthetic/";
 
+/// Values served instead of files: what the simulator gives its origin (values that change
+/// over time, spells of failure), looked up like a file would be.
+pub trait Values: Send + std::fmt::Debug {
+    fn lookup(&self, key: &str, out: &mut Vec<u8>) -> Lookup;
+}
+
 #[derive(Debug)]
 pub struct Store {
+    /// When set, every lookup is answered from it (no files are read).
+    values: Option<Box<dyn Values>>,
     data_dir: PathBuf,
     /// `data_dir` with every symlink resolved: a data file must resolve to a path under it.
     real_dir: PathBuf,
@@ -51,7 +59,18 @@ impl Store {
             ));
         }
         let real_dir = std::fs::canonicalize(data_dir)?;
-        Ok(Store { data_dir: data_dir.to_path_buf(), real_dir, max_file_bytes, synthetic })
+        Ok(Store { values: None, data_dir: data_dir.to_path_buf(), real_dir, max_file_bytes, synthetic })
+    }
+
+    /// A store that serves `values` and reads no file.
+    pub fn from_values(values: Box<dyn Values>) -> Store {
+        Store {
+            values: Some(values),
+            data_dir: PathBuf::new(),
+            real_dir: PathBuf::new(),
+            max_file_bytes: 0,
+            synthetic: None,
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -62,6 +81,9 @@ impl Store {
     /// what keeps the path inside the data directory: segments are never `.`, `..` or empty,
     /// and hold no separators.
     pub fn lookup(&self, key: &str, out: &mut Vec<u8>) -> Lookup {
+        if let Some(values) = &self.values {
+            return values.lookup(key, out);
+        }
         if let Some(synthetic) = self.synthetic {
             if let Some(n) = synthetic_index(key).filter(|n| *n < synthetic.count) {
                 write_synthetic(out, n, synthetic.value_bytes);
@@ -177,7 +199,7 @@ pub fn write_synthetic(out: &mut Vec<u8>, n: u64, value_bytes: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::testkit::temp_dir;
+    use testkit::temp_dir;
 
     fn lookup(store: &Store, key: &str) -> (Lookup, String) {
         let mut out = b"prefix".to_vec();

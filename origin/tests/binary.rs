@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::testkit::{metrics, wait_until, ChildService, LineClient};
+use testkit::{metrics, wait_until, ChildService, LineClient};
 
 const BIN: &str = env!("CARGO_BIN_EXE_origin");
 
@@ -107,7 +107,7 @@ fn out_of_file_descriptors_the_origin_refuses_clients_without_spinning_and_recov
     assert!(spent < 20, "{spent} ticks of CPU in 1 s while out of descriptors");
     // Free descriptors: new clients are served again.
     drop(accepted);
-    assert!(common::testkit::wait_until(Duration::from_secs(5), || {
+    assert!(testkit::wait_until(Duration::from_secs(5), || {
         LineClient::connect(origin.addr()).unwrap().request("HEALTH").unwrap()["status"] == "OK"
     }));
 }

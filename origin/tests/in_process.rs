@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::testkit::{metrics, temp_dir, wait_until, LineClient, RunningServer};
 use origin::{OriginConfig, Synthetic};
 use serde_json::{json, Value};
+use testkit::{metrics, temp_dir, wait_until, LineClient, RunningServer};
 
 fn sample_data() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
@@ -261,7 +261,7 @@ fn half_a_line_then_silence_is_closed_by_the_idle_timeout_without_hurting_others
 #[test]
 fn a_client_that_never_reads_is_bounded_and_others_are_still_served() {
     let server = start_default();
-    let rss_before = common::testkit::rss_kib(std::process::id());
+    let rss_before = testkit::rss_kib(std::process::id());
     let mut hog = TcpStream::connect(server.addr()).unwrap();
     hog.set_nonblocking(true).unwrap();
     let chunk: Vec<u8> = b"GET article/1\n".repeat(4096);
@@ -294,7 +294,7 @@ fn a_client_that_never_reads_is_bounded_and_others_are_still_served() {
         assert_eq!(other.request("GET article/3").unwrap()["status"], "OK");
         assert!(t.elapsed() < Duration::from_secs(1), "slow answer while a client hogs: {:?}", t.elapsed());
     }
-    if let (Some(before), Some(after)) = (rss_before, common::testkit::rss_kib(std::process::id())) {
+    if let (Some(before), Some(after)) = (rss_before, testkit::rss_kib(std::process::id())) {
         eprintln!("non-reading client: {sent} bytes accepted; test process RSS {before} KiB -> {after} KiB");
         assert!(after < before + 128 * 1024, "RSS grew from {before} KiB to {after} KiB");
     }
@@ -318,7 +318,7 @@ fn ten_thousand_connect_close_cycles_leave_the_origin_healthy() {
             // queue when the test machine is busy (a dropped SYN costs a 1 s retransmit).
             assert_eq!(pacer.request("HEALTH").unwrap()["status"], "OK");
         }
-        let stream = common::testkit::connect_from_spread_source(server.addr(), i).unwrap();
+        let stream = testkit::connect_from_spread_source(server.addr(), i).unwrap();
         if i % 1000 == 0 {
             // Some of them say something and leave without reading the answer.
             (&stream).write_all(b"GET article/1\n").unwrap();

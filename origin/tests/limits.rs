@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use common::testkit::{
-    data_dir_with_big_value, metrics, rss_growth_under_a_non_reading_client, ChildService, LineClient,
-};
+use testkit::{data_dir_with_big_value, metrics, rss_growth_under_a_non_reading_client, ChildService, LineClient};
 
 const ORIGIN: &str = env!("CARGO_BIN_EXE_origin");
 
@@ -56,8 +54,8 @@ fn delayed_answers_all_arrive_once_the_client_reads() {
 /// opened in a way that blocks, and is answered NOT_FOUND or ORIGIN_ERROR.
 #[test]
 fn only_regular_files_inside_the_data_dir_are_served() {
-    let dir = common::testkit::temp_dir("origin-types");
-    let outside = common::testkit::temp_dir("origin-outside");
+    let dir = testkit::temp_dir("origin-types");
+    let outside = testkit::temp_dir("origin-outside");
     std::fs::write(outside.join("secret.json"), "{\"secret\":true}").unwrap();
     std::fs::write(dir.join("ok.json"), "{\"ok\":true}").unwrap();
     std::os::unix::fs::symlink(outside.join("secret.json"), dir.join("ext.json")).unwrap();

@@ -571,6 +571,16 @@ impl Service for Proxy {
         self.resume(ctx, client);
     }
 
+    fn outstanding(&self) -> Vec<(String, usize)> {
+        let fetches = &self.core.fetches;
+        vec![
+            ("origin fetches running".into(), fetches.running()),
+            ("origin fetches queued".into(), fetches.queued()),
+            ("GETs waiting on the origin".into(), fetches.waiting()),
+            ("GETs parked for their window".into(), self.core.windows.parked()),
+        ]
+    }
+
     fn on_turn_end(&mut self, ctx: &mut Ctx<Timer>) {
         // Parked misses whose window reopened go on; those of clients gone stop counting.
         while let Some(parked) = self.core.windows.take_orphan() {

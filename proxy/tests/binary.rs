@@ -5,13 +5,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::testkit::{metrics, ChildService, LineClient};
+use testkit::{metrics, ChildService, LineClient};
 
 const PROXY: &str = env!("CARGO_BIN_EXE_proxy");
 
-fn origin() -> common::testkit::RunningServer {
+fn origin() -> testkit::RunningServer {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../origin/data");
-    common::testkit::RunningServer::start(origin::bind(origin::OriginConfig::new(data)).unwrap())
+    testkit::RunningServer::start(origin::bind(origin::OriginConfig::new(data)).unwrap())
 }
 
 #[test]
@@ -97,7 +97,7 @@ fn kebab_case_flags_with_fractional_seconds() {
     let stored = std::time::Instant::now();
     assert_eq!(c.request("GET article/1").unwrap()["cache_hit"], false);
     let mut hit_until = Duration::ZERO;
-    assert!(common::testkit::wait_until(Duration::from_secs(5), || {
+    assert!(testkit::wait_until(Duration::from_secs(5), || {
         let hit = c.request("GET article/1").unwrap()["cache_hit"] == true;
         if hit {
             hit_until = stored.elapsed();

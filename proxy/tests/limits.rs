@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::Duration;
 
-use common::testkit::{
+use testkit::{
     data_dir_with_big_value, metrics, rss_growth_under_a_non_reading_client, wait_until, workspace_bin, ChildService,
     LineClient,
 };
@@ -142,7 +142,7 @@ fn cached_not_founds_take_part_in_lru_order() {
 /// --stale-if-error later served the deleted key.
 #[test]
 fn a_deleted_key_never_comes_back_stale() {
-    let dir = common::testkit::temp_dir("proxy-deleted");
+    let dir = testkit::temp_dir("proxy-deleted");
     std::fs::write(dir.join("k.json"), "{\"v\":1}").unwrap();
     let mut origin = spawn_origin(&dir, "0");
     let origin_port = origin.addr().port();
@@ -299,7 +299,7 @@ fn shared_big_answers_carry_their_own_ids_and_the_whole_value() {
 fn distinct_big_misses_for_a_client_that_never_reads_wait_for_room() {
     const GETS: usize = 1000;
     let origin = workspace_bin("origin").unwrap();
-    let data = common::testkit::temp_dir("proxy-window");
+    let data = testkit::temp_dir("proxy-window");
     let origin = ChildService::spawn(
         origin.to_str().unwrap(),
         &["--port", "0", "--data-dir", data.to_str().unwrap(), "--synthetic-keys", "1000", "--value-bytes", "262144"],
@@ -313,7 +313,7 @@ fn distinct_big_misses_for_a_client_that_never_reads_wait_for_room() {
     .unwrap();
     let addr = proxy.addr();
     let burst: String = (0..GETS).map(|i| format!("GET synthetic/{i}\n")).collect();
-    let before = common::testkit::rss_kib(proxy.pid()).unwrap();
+    let before = testkit::rss_kib(proxy.pid()).unwrap();
     let mut hog = TcpStream::connect(addr).unwrap();
     hog.write_all(burst.as_bytes()).unwrap();
     let settled = wait_until(Duration::from_secs(20), || {
@@ -324,7 +324,7 @@ fn distinct_big_misses_for_a_client_that_never_reads_wait_for_room() {
             && d["fetches_queued"] == 0
     });
     assert!(settled, "{}", metrics(addr).unwrap());
-    let growth = common::testkit::rss_kib(proxy.pid()).unwrap().saturating_sub(before);
+    let growth = testkit::rss_kib(proxy.pid()).unwrap().saturating_sub(before);
     let d = metrics(addr).unwrap();
     eprintln!("proxy RSS growth, {GETS} distinct 256 KiB misses, client not reading: {growth} KiB; {d}");
     assert!(d["origin_fetches"].as_u64().unwrap() <= 32, "fetched for a client that does not read: {d}");

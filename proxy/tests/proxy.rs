@@ -8,12 +8,10 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::testkit::{
-    metrics, refused_addr, temp_dir, wait_until, FakeBehavior, FakeServer, LineClient, RunningServer,
-};
 use origin::OriginConfig;
 use proxy::{Policy, ProxyConfig};
 use serde_json::{json, Value};
+use testkit::{metrics, refused_addr, temp_dir, wait_until, FakeBehavior, FakeServer, LineClient, RunningServer};
 
 fn sample_data() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../origin/data")

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::server::{Server, Service};
-use common::testkit::{workspace_bin, RunningServer};
+use testkit::{workspace_bin, RunningServer};
 
 /// An in-process service and its admin address.
 pub struct InProcess {
@@ -240,5 +240,5 @@ pub fn tool_or_skip(tool: &str) -> bool {
 
 /// A fresh directory for this test's files.
 pub fn scratch(label: &str) -> PathBuf {
-    common::testkit::temp_dir(label)
+    testkit::temp_dir(label)
 }

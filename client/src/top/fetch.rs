@@ -140,7 +140,7 @@ fn read_line(reader: &mut impl BufRead, deadline: Instant, max: usize) -> io::Re
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use common::testkit::{refused_addr, FakeBehavior, FakeServer};
+    use testkit::{refused_addr, FakeBehavior, FakeServer};
 
     fn source(port: u16) -> MetricsSource {
         MetricsSource::new("127.0.0.1", port, Duration::from_millis(300))

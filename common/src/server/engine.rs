@@ -180,6 +180,24 @@ impl<S: Service> Engine<S> {
         self.ctx.draining && self.ctx.clients.is_empty()
     }
 
+    /// What the loop holds now, by name, for the leak check at the end of a simulated run:
+    /// client connections, answers owed, peer connections, timers.
+    pub fn outstanding(&self) -> Vec<(String, usize)> {
+        let ctx = &self.ctx;
+        let owed: usize = ctx.clients.iter().map(|(_, c)| c.awaited()).sum();
+        vec![
+            ("client connections".into(), ctx.clients.len()),
+            ("answers owed".into(), owed),
+            ("peer connections".into(), ctx.peers.len()),
+            ("timers".into(), ctx.timers.len()),
+        ]
+    }
+
+    /// The most output any client connection holds now, as counted against its bound.
+    pub fn max_client_output(&self) -> usize {
+        self.ctx.clients.iter().map(|(_, c)| c.out.counted()).max().unwrap_or(0)
+    }
+
     /// Decides on a new client connection from `peer`.
     pub fn admit(&mut self, peer: SocketAddr) -> Admission {
         let ctx = &mut self.ctx;

@@ -1,4 +1,5 @@
-//! The proxy's cache: one interface, two eviction policies (SPEC 3.2).
+//! The proxy's cache: one interface, two eviction policies (SPEC 3.2). Its own crate so that
+//! `client bench --simulate-lru` can model it without depending on the proxy.
 //!
 //! Layout, chosen for memory per entry and O(1) operations:
 //! - each entry is one slab slot holding its key bytes and the value's already-encoded JSON

@@ -2,7 +2,7 @@
 //! hit lookups per second, inserts with eviction per second, and heap bytes per entry
 //! beyond the key and value bytes themselves.
 //!
-//! Run: `cargo bench -p proxy --bench cache` (pin it with `taskset -c 1` for stable figures).
+//! Run: `cargo bench -p cache --bench cache` (pin it with `taskset -c 1` for stable figures).
 //! A counting global allocator measures heap use exactly (requested bytes), and the process
 //! RSS is shown beside it (which also includes the allocator's own per-block overhead).
 #![allow(unsafe_code)] // the counting allocator below
@@ -12,8 +12,8 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use cache::{Cache, CacheConfig, Policy};
 use common::random::{SplitMix64, Zipf};
-use proxy::cache::{Cache, CacheConfig, Policy};
 
 struct Counting;
 
@@ -47,7 +47,7 @@ const LOOKUPS: usize = 10_000_000;
 const INSERTS: usize = 3_000_000;
 
 fn rss_kib() -> u64 {
-    common::testkit::rss_kib(std::process::id()).unwrap_or(0)
+    testkit::rss_kib(std::process::id()).unwrap_or(0)
 }
 
 fn main() {
