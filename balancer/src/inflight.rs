@@ -202,6 +202,19 @@ impl InFlight {
         Ok(None)
     }
 
+    /// What is held for requests not yet answered, by name: all zero once the balancer is
+    /// idle (the simulator's leak check).
+    pub fn outstanding(&self) -> Vec<(String, usize)> {
+        vec![
+            ("GETs in flight".into(), self.requests.len()),
+            ("attempts awaiting an answer".into(), self.book.len()),
+            ("GETs accepted and not answered".into(), self.waiting),
+            ("GETs parked for their window".into(), self.windows.parked()),
+            ("PURGEs running".into(), self.purges.running()),
+            ("PURGEs queued".into(), self.purges.queued()),
+        ]
+    }
+
     pub fn give_up(&mut self, ctx: &mut Ctx<Timer>, index: usize) {
         let Some(r) = self.requests.try_remove(index) else { return };
         self.counters.errors += 1 + r.followers.len() as u64;

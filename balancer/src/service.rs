@@ -312,6 +312,10 @@ impl Service for Balancer {
         self.history.sample(ctx.now(), crate::dashboard::wall_ms(), &metrics, &self.core.latency_us);
     }
 
+    fn outstanding(&self) -> Vec<(String, usize)> {
+        self.core.outstanding()
+    }
+
     fn on_room(&mut self, ctx: &mut Ctx<Timer>, client: ClientId) {
         self.resume(ctx, client);
     }
