@@ -150,7 +150,8 @@ impl Balancer {
                 core.counters.retries += 1;
             }
             let Err(failure) = self.send(ctx, backend, index, false) else { return };
-            // Not even a connection could be started: try another proxy now.
+            // The pool named a connection that has gone (a connect that fails is told later,
+            // as the end of its connection): try another proxy now.
             self.core.note_failure(backend, failure);
             if let Some(r) = self.core.requests.get_mut(index) {
                 r.last_failure = Some(failure);
