@@ -1,17 +1,17 @@
 //! One-shot exchanges with a proxy, each on its own short connection: a HEALTH probe, a
 //! METRICS poll, one proxy's share of a PURGE fan-out. What each asks and how its answer
-//! reads (plain functions), and the slab of their connections (I/O only).
+//! reads (plain functions), and the slab of those under way (bookkeeping: the driver owns
+//! their sockets).
 
-use common::framing::Frame;
+use std::net::SocketAddr;
+
+use common::peer::{PeerId, PeerMap};
 use common::protocol::{parse_answer, write_text_request, Status};
+use common::server::Ctx;
 use common::timers::TimerKey;
-use common::upstream::{Progress, Upstream};
-use mio::{Registry, Token};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use slab::Slab;
-
-use crate::failure::Failure;
 
 /// Longest answer line accepted from a proxy.
 pub const MAX_ANSWER: usize = 16 * 1024 * 1024 + 4096;
@@ -73,7 +73,7 @@ pub fn interpret(purpose: Purpose, line: &[u8]) -> Option<Heard> {
 }
 
 pub struct Exchange {
-    up: Upstream,
+    peer: PeerId,
     pub backend: usize,
     pub purpose: Purpose,
     pub timer: Option<TimerKey>,
@@ -83,28 +83,26 @@ pub struct Exchange {
 #[derive(Default)]
 pub struct Exchanges {
     slab: Slab<Exchange>,
+    /// The number of each connection's exchange.
+    by_peer: PeerMap<usize>,
 }
 
 impl Exchanges {
-    /// Connects to `addr` and sends the request for `purpose`; returns the exchange's number.
-    pub fn start(
+    /// Connects to `addr` and queues the request for `purpose` (written once connected);
+    /// returns the exchange's number. A connect that fails ends it like a silence.
+    pub fn start<T>(
         &mut self,
-        registry: &Registry,
-        addr: std::net::SocketAddr,
+        ctx: &mut Ctx<T>,
+        addr: SocketAddr,
         (backend, purpose, key): (usize, Purpose, &str),
-        token: impl Fn(usize) -> Token,
-    ) -> Result<usize, Failure> {
-        let entry = self.slab.vacant_entry();
-        let index = entry.key();
-        let mut up = Upstream::connect(addr, registry, token(index)).map_err(|e| Failure::of_connect(&e))?;
-        let mut line = Vec::new();
-        request_line(purpose, key, &mut line);
-        if up.send(&line).is_err() {
-            up.deregister(registry);
-            return Err(Failure::Reset);
+    ) -> usize {
+        let peer = ctx.connect(addr, MAX_ANSWER);
+        if let Some(out) = ctx.peer_output(peer) {
+            request_line(purpose, key, out);
         }
-        entry.insert(Exchange { up, backend, purpose, timer: None });
-        Ok(index)
+        let index = self.slab.insert(Exchange { peer, backend, purpose, timer: None });
+        self.by_peer.insert(peer, index);
+        index
     }
 
     pub fn set_timer(&mut self, index: usize, timer: TimerKey) {
@@ -113,19 +111,16 @@ impl Exchanges {
         }
     }
 
-    /// Handles readiness: `None` while the answer is still to come, else what was heard
-    /// (`Some(None)`: no well-formed answer).
-    pub fn on_event(&mut self, index: usize) -> Option<Option<Heard>> {
-        let x = self.slab.get_mut(index)?;
-        match x.up.on_ready(MAX_ANSWER) {
-            Ok(Progress::Connecting) => None,
-            Ok(Progress::Ready) => match x.up.frame(MAX_ANSWER) {
-                Frame::Line(line, _) => Some(interpret(x.purpose, line)),
-                Frame::Incomplete if !x.up.is_eof() => None,
-                _ => Some(None),
-            },
-            Err(_) => Some(None),
-        }
+    /// The number of `peer`'s exchange, when it is one.
+    pub fn index_of(&self, peer: PeerId) -> Option<usize> {
+        self.by_peer.get(peer).copied()
+    }
+
+    /// A line on `peer`: the exchange it ends, with what it heard (`None`: not a well-formed
+    /// answer); `None` when `peer` is no exchange's.
+    pub fn heard(&self, peer: PeerId, line: &[u8]) -> Option<(usize, Option<Heard>)> {
+        let index = self.index_of(peer)?;
+        Some((index, interpret(self.slab.get(index)?.purpose, line)))
     }
 
     /// Whether any exchange under way talks to `backend` (its slot may not be reused yet).
@@ -133,10 +128,11 @@ impl Exchanges {
         self.slab.iter().any(|(_, x)| x.backend == backend)
     }
 
-    /// Ends exchange `index`, closing its connection.
-    pub fn finish(&mut self, registry: &Registry, index: usize) -> Option<Exchange> {
-        let mut x = self.slab.try_remove(index)?;
-        x.up.deregister(registry);
+    /// Ends exchange `index`, closing its connection (if the driver has not).
+    pub fn finish<T>(&mut self, ctx: &mut Ctx<T>, index: usize) -> Option<Exchange> {
+        let x = self.slab.try_remove(index)?;
+        self.by_peer.remove(x.peer);
+        ctx.close_peer(x.peer);
         Some(x)
     }
 }

@@ -1,6 +1,8 @@
 //! Every way an attempt to a proxy can fail, in one enum: what the retry decision, the
 //! passive health check and the client's error message are made from.
 
+use common::peer::{PeerClosed, PeerEnd};
+
 /// Why an attempt (a GET sent to one proxy) got no usable answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
@@ -23,12 +25,25 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// What a failed `connect` call means.
+    /// What a failed connect means: a local shortage (descriptors, memory, ports) is not the
+    /// proxy's doing; any other failure to reach it (refused, unreachable, timed out) is.
     pub fn of_connect(e: &std::io::Error) -> Failure {
-        if e.kind() == std::io::ErrorKind::ConnectionRefused {
-            Failure::Refused
-        } else {
+        let local = [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM, libc::ENOSPC, libc::EADDRNOTAVAIL];
+        if e.kind() != std::io::ErrorKind::ConnectionRefused && e.raw_os_error().is_some_and(|n| local.contains(&n)) {
             Failure::CannotConnect
+        } else {
+            Failure::Refused
+        }
+    }
+
+    /// What the end of a connection the driver closed means for what it carried.
+    pub fn of_end(closed: &PeerClosed) -> Failure {
+        match &closed.end {
+            PeerEnd::ConnectFailed(e) => Failure::of_connect(e),
+            PeerEnd::Failed(_) if !closed.was_connected => Failure::Refused,
+            PeerEnd::Failed(_) => Failure::Reset,
+            PeerEnd::Closed => Failure::Closed,
+            PeerEnd::LineTooLong => Failure::TooLong,
         }
     }
 
@@ -68,5 +83,23 @@ mod tests {
         assert!(!Failure::ProxyDown.counts_against_proxy());
         assert!(!Failure::CannotConnect.counts_against_proxy());
         assert!(Failure::Refused.marks_down_at_once() && !Failure::Reset.marks_down_at_once());
+    }
+
+    #[test]
+    fn how_a_connection_ended_says_what_failed() {
+        use std::io::{Error, ErrorKind};
+        let end = |end, was_connected| Failure::of_end(&PeerClosed { end, received: 0, was_connected });
+        let refused = || PeerEnd::ConnectFailed(Error::from(ErrorKind::ConnectionRefused));
+        assert_eq!(end(refused(), false), Failure::Refused);
+        let unreachable = PeerEnd::ConnectFailed(Error::from_raw_os_error(libc::EHOSTUNREACH));
+        assert_eq!(end(unreachable, false), Failure::Refused, "the proxy cannot be reached");
+        for local in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::EADDRNOTAVAIL] {
+            let short = PeerEnd::ConnectFailed(Error::from_raw_os_error(local));
+            assert_eq!(end(short, false), Failure::CannotConnect, "a local shortage: {local}");
+        }
+        assert_eq!(end(PeerEnd::Failed(Error::from(ErrorKind::ConnectionReset)), true), Failure::Reset);
+        assert_eq!(end(PeerEnd::Failed(Error::from(ErrorKind::ConnectionReset)), false), Failure::Refused);
+        assert_eq!(end(PeerEnd::Closed, true), Failure::Closed);
+        assert_eq!(end(PeerEnd::LineTooLong, true), Failure::TooLong);
     }
 }

@@ -196,10 +196,23 @@ impl InFlight {
             }
         }
         for w in r.waiters() {
-            self.latency_us.record(w.received.elapsed());
+            self.latency_us.record(ctx.now().saturating_duration_since(w.received));
         }
         self.forget(attempt.request, r, line.len());
         Ok(None)
+    }
+
+    /// What is held for requests not yet answered, by name: all zero once the balancer is
+    /// idle (the simulator's leak check).
+    pub fn outstanding(&self) -> Vec<(String, usize)> {
+        vec![
+            ("GETs in flight".into(), self.requests.len()),
+            ("attempts awaiting an answer".into(), self.book.len()),
+            ("GETs accepted and not answered".into(), self.waiting),
+            ("GETs parked for their window".into(), self.windows.parked()),
+            ("PURGEs running".into(), self.purges.running()),
+            ("PURGEs queued".into(), self.purges.queued()),
+        ]
     }
 
     pub fn give_up(&mut self, ctx: &mut Ctx<Timer>, index: usize) {
@@ -209,7 +222,7 @@ impl InFlight {
         for w in r.waiters() {
             let id = w.client_id().and_then(Id::from_raw_json);
             ctx.complete(w.ticket, |out| Reply::error(Status::ProxyUnreachable, &message).id(id).encode(out));
-            self.latency_us.record(w.received.elapsed());
+            self.latency_us.record(ctx.now().saturating_duration_since(w.received));
         }
         self.forget(index, r, 0);
     }

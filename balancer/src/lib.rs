@@ -24,6 +24,8 @@ pub mod resolver;
 pub mod roster;
 pub mod service;
 pub mod strategy;
+#[cfg(test)]
+mod test_ctx;
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};

@@ -1,46 +1,40 @@
-//! The connections that carry GETs to the proxies: a slab of upstream connections, each with
-//! the requests queued on it this loop turn (written in one write at the turn's end). I/O
-//! only: which connection a GET takes is the pool's decision, what an answer means is the
-//! in-flight book's.
+//! The connections that carry GETs to the proxies: a slab of them (the pool and the attempt
+//! book name a connection by its number here), each with its peer connection, its proxy and
+//! its kind. The driver owns the sockets and writes what a turn queued on a connection in one
+//! write at the turn's end. Bookkeeping only: which connection a GET takes is the pool's
+//! decision, what an answer means is the in-flight book's.
 
-use common::upstream::Upstream;
-use mio::{Registry, Token};
+use std::net::SocketAddr;
+
+use common::peer::{PeerId, PeerMap};
+use common::server::Ctx;
 use slab::Slab;
 
-use crate::failure::Failure;
+use crate::exchange::MAX_ANSWER;
 use crate::pool::ConnKind;
 
 pub struct Link {
-    pub up: Upstream,
+    pub peer: PeerId,
     pub backend: usize,
     pub kind: ConnKind,
     /// Answers received on it: a connection that answered before is "reused" when it idles.
     pub answered: u64,
-    dirty: bool,
 }
 
 #[derive(Default)]
 pub struct Links {
     conns: Slab<Link>,
-    /// Connections with output queued this turn.
-    dirty: Vec<usize>,
+    /// The number of each connection's link.
+    by_peer: PeerMap<usize>,
 }
 
 impl Links {
-    /// Starts connecting to `addr` for `backend`; `token` names the socket from its index.
-    pub fn open(
-        &mut self,
-        registry: &Registry,
-        addr: std::net::SocketAddr,
-        backend: usize,
-        kind: ConnKind,
-        token: impl Fn(usize) -> Token,
-    ) -> Result<usize, Failure> {
-        let entry = self.conns.vacant_entry();
-        let conn = entry.key();
-        let up = Upstream::connect(addr, registry, token(conn)).map_err(|e| Failure::of_connect(&e))?;
-        entry.insert(Link { up, backend, kind, answered: 0, dirty: false });
-        Ok(conn)
+    /// Starts connecting to `addr` for `backend`; returns the connection's number.
+    pub fn open<T>(&mut self, ctx: &mut Ctx<T>, addr: SocketAddr, backend: usize, kind: ConnKind) -> usize {
+        let peer = ctx.connect(addr, MAX_ANSWER);
+        let conn = self.conns.insert(Link { peer, backend, kind, answered: 0 });
+        self.by_peer.insert(peer, conn);
+        conn
     }
 
     pub fn get(&self, conn: usize) -> Option<&Link> {
@@ -51,34 +45,30 @@ impl Links {
         self.conns.get_mut(conn)
     }
 
-    /// The output buffer of `conn` to append one more request to.
-    pub fn queue(&mut self, conn: usize) -> Option<(&mut Vec<u8>, ConnKind)> {
-        let link = self.conns.get_mut(conn)?;
-        if !link.dirty {
-            link.dirty = true;
-            self.dirty.push(conn);
-        }
-        Some((link.up.out_buf(), link.kind))
+    /// The number of `peer`'s link, when it is one.
+    pub fn conn_of(&self, peer: PeerId) -> Option<usize> {
+        self.by_peer.get(peer).copied()
     }
 
-    /// Stops watching `conn` and hands it back to be dropped (which closes it).
-    pub fn close(&mut self, registry: &Registry, conn: usize) -> Option<Link> {
-        let mut link = self.conns.try_remove(conn)?;
-        link.up.deregister(registry);
-        Some(link)
+    /// The output of `conn` to append one more request to (written at the end of the turn).
+    pub fn queue<'c, T>(&self, ctx: &'c mut Ctx<T>, conn: usize) -> Option<(&'c mut Vec<u8>, ConnKind)> {
+        let link = self.conns.get(conn)?;
+        Some((ctx.peer_output(link.peer)?, link.kind))
     }
 
-    /// Writes what was queued; returns a connection whose write failed (call again until
-    /// `None`).
-    pub fn flush(&mut self) -> Option<usize> {
-        while let Some(conn) = self.dirty.pop() {
-            let Some(link) = self.conns.get_mut(conn) else { continue };
-            link.dirty = false;
-            if link.up.flush().is_err() {
-                return Some(conn);
-            }
-        }
-        None
+    /// Closes `conn`; returns its link with the bytes it had received.
+    pub fn close<T>(&mut self, ctx: &mut Ctx<T>, conn: usize) -> Option<(Link, u64)> {
+        let link = self.conns.try_remove(conn)?;
+        self.by_peer.remove(link.peer);
+        let received = ctx.peer_received(link.peer).unwrap_or(0);
+        ctx.close_peer(link.peer);
+        Some((link, received))
+    }
+
+    /// The driver ended `peer`: its link and that link's number, when it was one.
+    pub fn ended(&mut self, peer: PeerId) -> Option<(usize, Link)> {
+        let conn = self.by_peer.remove(peer)?;
+        Some((conn, self.conns.try_remove(conn)?))
     }
 
     pub fn of_backend(&self, backend: usize) -> Vec<usize> {

@@ -4,9 +4,8 @@
 
 use common::server::Ctx;
 
-use super::{exchange_token, Balancer, Timer};
+use super::{Balancer, Timer};
 use crate::exchange::{Heard, Purpose};
-use crate::failure::Failure;
 
 impl Balancer {
     /// Timer: probe proxy `backend` (of slot generation `generation`) and schedule the next.
@@ -16,13 +15,9 @@ impl Balancer {
         }
         ctx.schedule(ctx.now() + self.core.config.health_interval, Timer::Probe(backend, generation));
         if !self.core.backends[backend].probing {
-            match self.start_exchange(ctx, backend, Purpose::Probe, "") {
-                Ok(()) => self.core.backends[backend].probing = true,
-                Err(failure) => {
-                    let transition = self.core.backends[backend].health.record_failure();
-                    self.core.transition(backend, transition, failure.describe());
-                }
-            }
+            // A connect that fails ends the exchange (in this turn) as a failed probe.
+            self.core.backends[backend].probing = true;
+            self.start_exchange(ctx, backend, Purpose::Probe, "");
         }
     }
 
@@ -33,32 +28,27 @@ impl Balancer {
         }
         let next = Timer::PollMetrics(backend, generation);
         ctx.schedule(ctx.now() + self.core.config.metrics_interval, next);
-        if !self.core.backends[backend].polling && self.start_exchange(ctx, backend, Purpose::Poll, "").is_ok() {
+        if !self.core.backends[backend].polling {
             self.core.backends[backend].polling = true;
+            self.start_exchange(ctx, backend, Purpose::Poll, "");
         }
     }
 
-    pub(super) fn start_exchange(
-        &mut self,
-        ctx: &mut Ctx<Timer>,
-        backend: usize,
-        purpose: Purpose,
-        key: &str,
-    ) -> Result<(), Failure> {
+    pub(super) fn start_exchange(&mut self, ctx: &mut Ctx<Timer>, backend: usize, purpose: Purpose, key: &str) {
         let addr = self.core.backends[backend].addr;
-        let index = self.exchanges.start(ctx.registry(), addr, (backend, purpose, key), exchange_token)?;
+        let index = self.exchanges.start(ctx, addr, (backend, purpose, key));
         let timeout = match purpose {
             Purpose::Purge(_) => self.core.config.request_timeout,
             Purpose::Probe | Purpose::Poll => self.core.config.health_timeout,
         };
         let timer = ctx.schedule(ctx.now() + timeout, Timer::Exchange(index));
         self.exchanges.set_timer(index, timer);
-        Ok(())
     }
 
-    /// Ends an exchange with what it heard (`None`: no well-formed answer in time).
+    /// Ends an exchange with what it heard (`None`: no well-formed answer in time, or its
+    /// connection ended first).
     pub(super) fn finish_exchange(&mut self, ctx: &mut Ctx<Timer>, index: usize, heard: Option<Heard>) {
-        let Some(x) = self.exchanges.finish(ctx.registry(), index) else { return };
+        let Some(x) = self.exchanges.finish(ctx, index) else { return };
         if let Some(timer) = x.timer {
             ctx.cancel(timer);
         }

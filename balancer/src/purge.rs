@@ -137,6 +137,10 @@ impl<T> Purges<T> {
     pub fn running(&self) -> usize {
         self.running.len()
     }
+
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
 }
 
 #[cfg(test)]

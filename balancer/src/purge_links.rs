@@ -10,10 +10,9 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use common::framing::Frame;
+use common::peer::{PeerClosed, PeerEnd, PeerId, PeerMap};
 use common::protocol::write_text_request;
-use common::upstream::{Progress, Upstream};
-use mio::{Registry, Token};
+use common::server::Ctx;
 use slab::Slab;
 
 use crate::exchange::{interpret, Heard, Purpose, MAX_ANSWER};
@@ -34,7 +33,7 @@ pub enum Heard1 {
 }
 
 struct PurgeConn {
-    up: Upstream,
+    peer: PeerId,
     backend: usize,
     /// Fan-outs sent on it, in order, with the deadline of each answer.
     awaiting: VecDeque<(usize, Instant)>,
@@ -42,9 +41,8 @@ struct PurgeConn {
     timer_armed: bool,
 }
 
-/// Where the caller's key, addresses and deadlines come from.
+/// The PURGE to send and the deadline of its answer.
 pub struct Ask<'a> {
-    pub registry: &'a Registry,
     pub key: &'a str,
     pub deadline: Instant,
 }
@@ -54,6 +52,8 @@ pub type Waiting = (usize, Box<str>);
 
 pub struct PurgeLinks {
     conns: Slab<PurgeConn>,
+    /// The number of each peer connection's PURGE connection.
+    by_peer: PeerMap<usize>,
     /// The connection of each proxy, if it has one.
     of_backend: Vec<Option<usize>>,
     /// Per proxy: fan-outs waiting for it to get a connection.
@@ -68,6 +68,7 @@ impl PurgeLinks {
     pub fn new(budget: usize) -> Self {
         PurgeLinks {
             conns: Slab::new(),
+            by_peer: PeerMap::new(),
             of_backend: Vec::new(),
             queued: Vec::new(),
             in_line: VecDeque::new(),
@@ -100,48 +101,38 @@ impl PurgeLinks {
 
     /// Sends fan-out `fan_out`'s PURGE of `ask.key` to `backend` (at `addr`), or queues it
     /// for a connection. Returns the connection whose deadline timer the caller must arm,
-    /// if any. `Err`: it could not be asked (refused: the proxy holds nothing; otherwise
-    /// short of resources).
-    pub fn ask(
+    /// if any. A connection that cannot be made ends like any other (see
+    /// [`PurgeLinks::on_closed`]).
+    pub fn ask<T>(
         &mut self,
+        ctx: &mut Ctx<T>,
         ask: &Ask<'_>,
         (backend, addr): (usize, SocketAddr),
         fan_out: usize,
-        token: impl Fn(usize) -> Token,
-    ) -> Result<Option<usize>, Failure> {
+    ) -> Option<usize> {
         self.grow(backend);
         if let Some(conn) = self.of_backend[backend] {
-            return Ok(self.send(conn, fan_out, ask));
+            return self.send(ctx, conn, fan_out, ask);
         }
         if self.conns.len() >= self.budget {
             if self.queued[backend].is_empty() {
                 self.in_line.push_back(backend);
             }
             self.queued[backend].push_back((fan_out, ask.key.into()));
-            return Ok(None);
+            return None;
         }
-        let conn = self.open(ask.registry, backend, addr, &token)?;
-        Ok(self.send(conn, fan_out, ask))
-    }
-
-    fn open(
-        &mut self,
-        registry: &Registry,
-        backend: usize,
-        addr: SocketAddr,
-        token: &impl Fn(usize) -> Token,
-    ) -> Result<usize, Failure> {
-        let entry = self.conns.vacant_entry();
-        let conn = entry.key();
-        let up = Upstream::connect(addr, registry, token(conn)).map_err(|e| Failure::of_connect(&e))?;
-        entry.insert(PurgeConn { up, backend, awaiting: VecDeque::new(), timer_armed: false });
+        let peer = ctx.connect(addr, MAX_ANSWER);
+        let conn = self.conns.insert(PurgeConn { peer, backend, awaiting: VecDeque::new(), timer_armed: false });
+        self.by_peer.insert(peer, conn);
         self.of_backend[backend] = Some(conn);
-        Ok(conn)
+        self.send(ctx, conn, fan_out, ask)
     }
 
-    fn send(&mut self, conn: usize, fan_out: usize, ask: &Ask<'_>) -> Option<usize> {
+    fn send<T>(&mut self, ctx: &mut Ctx<T>, conn: usize, fan_out: usize, ask: &Ask<'_>) -> Option<usize> {
         let c = self.conns.get_mut(conn)?;
-        write_text_request(c.up.out_buf(), "PURGE", Some(ask.key));
+        if let Some(out) = ctx.peer_output(c.peer) {
+            write_text_request(out, "PURGE", Some(ask.key));
+        }
         c.awaiting.push_back((fan_out, ask.deadline));
         if c.timer_armed {
             return None;
@@ -150,44 +141,46 @@ impl PurgeLinks {
         Some(conn)
     }
 
-    /// Writes what was queued on `conn` (after a batch of [`PurgeLinks::ask`]).
-    pub fn flush_all(&mut self, registry: &Registry, heard: &mut Vec<Heard1>) {
-        let failed: Vec<usize> =
-            self.conns.iter_mut().filter_map(|(i, c)| c.up.flush().is_err().then_some(i)).collect();
-        for conn in failed {
-            self.close(registry, conn, heard);
+    /// A line on `peer`: the answer it is, in `heard`. False when `peer` is no PURGE
+    /// connection.
+    pub fn on_line<T>(&mut self, ctx: &mut Ctx<T>, peer: PeerId, line: &[u8], heard: &mut Vec<Heard1>) -> bool {
+        let Some(conn) = self.by_peer.get(peer).copied() else { return false };
+        let Some(c) = self.conns.get_mut(conn) else { return false };
+        let Some((fan_out, _)) = c.awaiting.pop_front() else {
+            self.close(ctx, conn, heard); // an answer nobody asked for
+            return true;
+        };
+        let Some(Heard::Purge { held }) = interpret(Purpose::Purge(fan_out), line) else {
+            heard.push(Heard1::Silent { fan_out });
+            self.close(ctx, conn, heard); // out of step: no later answer is trusted
+            return true;
+        };
+        heard.push(Heard1::Answered { fan_out, held });
+        if c.awaiting.is_empty() {
+            self.close(ctx, conn, heard);
         }
+        true
     }
 
-    /// Readiness on `conn`: the answers that came, in `heard`.
-    pub fn on_event(&mut self, registry: &Registry, conn: usize, heard: &mut Vec<Heard1>) {
-        let Some(c) = self.conns.get_mut(conn) else { return };
-        match c.up.on_ready(MAX_ANSWER) {
-            Ok(Progress::Connecting) => return,
-            Ok(Progress::Ready) => {}
-            Err(_) => return self.close(registry, conn, heard),
+    /// The driver ended `peer` (refused, reset, closed, a line too long): what it still owed
+    /// is not heard — or, when it could not be made for want of local resources, could not be
+    /// asked. False when `peer` is no PURGE connection.
+    pub fn on_closed(&mut self, peer: PeerId, closed: &PeerClosed, heard: &mut Vec<Heard1>) -> bool {
+        let Some(conn) = self.by_peer.remove(peer) else { return false };
+        let short =
+            matches!(&closed.end, PeerEnd::ConnectFailed(e) if Failure::of_connect(e) == Failure::CannotConnect);
+        if let Some(c) = self.forget(conn) {
+            let outcome = |fan_out| if short { Heard1::Short { fan_out } } else { Heard1::Silent { fan_out } };
+            heard.extend(c.awaiting.into_iter().map(|(fan_out, _)| outcome(fan_out)));
         }
-        while let Frame::Line(line, used) = c.up.frame(MAX_ANSWER) {
-            let Some((fan_out, _)) = c.awaiting.pop_front() else {
-                return self.close(registry, conn, heard); // an answer nobody asked for
-            };
-            let Some(Heard::Purge { held }) = interpret(Purpose::Purge(fan_out), line) else {
-                heard.push(Heard1::Silent { fan_out });
-                return self.close(registry, conn, heard); // out of step: no later answer is trusted
-            };
-            heard.push(Heard1::Answered { fan_out, held });
-            c.up.consume(used);
-        }
-        if c.awaiting.is_empty() || c.up.is_eof() || matches!(c.up.frame(MAX_ANSWER), Frame::TooLong) {
-            self.close(registry, conn, heard);
-        }
+        true
     }
 
     /// `conn`'s deadline timer fired at `now`: a connection whose oldest answer is overdue is
     /// closed. Returns when to fire next, if it still waits for answers.
-    pub fn on_deadline(
+    pub fn on_deadline<T>(
         &mut self,
-        registry: &Registry,
+        ctx: &mut Ctx<T>,
         conn: usize,
         now: Instant,
         heard: &mut Vec<Heard1>,
@@ -196,7 +189,7 @@ impl PurgeLinks {
         c.timer_armed = false;
         let &(_, due) = c.awaiting.front()?;
         if due <= now {
-            self.close(registry, conn, heard);
+            self.close(ctx, conn, heard);
             return None;
         }
         c.timer_armed = true;
@@ -210,13 +203,27 @@ impl PurgeLinks {
 
     /// Closes `conn`: what it still owed is not heard. Its place goes to the next proxy in
     /// line (whose queued fan-outs are then sent; see [`PurgeLinks::next_in_line`]).
-    fn close(&mut self, registry: &Registry, conn: usize, heard: &mut Vec<Heard1>) {
-        let Some(mut c) = self.conns.try_remove(conn) else { return };
-        c.up.deregister(registry);
+    fn close<T>(&mut self, ctx: &mut Ctx<T>, conn: usize, heard: &mut Vec<Heard1>) {
+        let Some(c) = self.forget(conn) else { return };
+        self.by_peer.remove(c.peer);
+        ctx.close_peer(c.peer);
+        heard.extend(c.awaiting.into_iter().map(|(fan_out, _)| Heard1::Silent { fan_out }));
+    }
+
+    /// `conn` is gone: it no longer takes its proxy's PURGEs nor a place in the budget.
+    fn forget(&mut self, conn: usize) -> Option<PurgeConn> {
+        let c = self.conns.try_remove(conn)?;
         if let Some(slot) = self.of_backend.get_mut(c.backend) {
             *slot = None;
         }
-        heard.extend(c.awaiting.drain(..).map(|(fan_out, _)| Heard1::Silent { fan_out }));
+        Some(c)
+    }
+
+    /// `backend`'s connection, for tests.
+    #[cfg(test)]
+    fn peer_of(&self, backend: usize) -> Option<PeerId> {
+        let conn = self.of_backend.get(backend).copied().flatten()?;
+        self.conns.get(conn).map(|c| c.peer)
     }
 
     /// A proxy in line may have a connection now: returns it with its queued fan-outs, to
@@ -233,34 +240,63 @@ impl PurgeLinks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_ctx::with_ctx;
     use std::net::TcpListener;
     use std::time::Duration;
 
     #[test]
     fn proxies_past_the_budget_wait_in_line_and_share_one_connection_each() {
-        let poll = mio::Poll::new().unwrap();
         let listeners: Vec<TcpListener> = (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        let mut links = PurgeLinks::new(2);
-        let now = Instant::now();
-        let ask = Ask { registry: poll.registry(), key: "k", deadline: now + Duration::from_secs(1) };
-        // Two fan-outs to three proxies: proxies 0 and 1 get a connection each, carrying
-        // both PURGEs; proxy 2 waits.
-        for fan_out in 0..2 {
-            for (backend, addr) in addrs.iter().enumerate() {
-                let arm = links.ask(&ask, (backend, *addr), fan_out, Token).unwrap();
-                assert_eq!(arm.is_some(), fan_out == 0 && backend < 2, "one timer per connection");
+        with_ctx::<()>(|ctx| {
+            let mut links = PurgeLinks::new(2);
+            let now = Instant::now();
+            let ask = Ask { key: "k", deadline: now + Duration::from_secs(1) };
+            // Two fan-outs to three proxies: proxies 0 and 1 get a connection each, carrying
+            // both PURGEs; proxy 2 waits.
+            for fan_out in 0..2 {
+                for (backend, addr) in addrs.iter().enumerate() {
+                    let arm = links.ask(ctx, &ask, (backend, *addr), fan_out);
+                    assert_eq!(arm.is_some(), fan_out == 0 && backend < 2, "one timer per connection");
+                }
             }
-        }
-        assert_eq!(links.open_conns(), 2);
-        assert!(links.next_in_line().is_none(), "no place free");
-        // Proxy 0's connection times out: what it owed is not heard, and proxy 2 gets its place.
-        let mut heard = Vec::new();
-        assert_eq!(links.on_deadline(poll.registry(), 0, now + Duration::from_secs(2), &mut heard), None);
-        assert_eq!(heard, vec![Heard1::Silent { fan_out: 0 }, Heard1::Silent { fan_out: 1 }]);
-        let (backend, waiting) = links.next_in_line().unwrap();
-        assert_eq!(backend, 2);
-        assert_eq!(waiting.iter().map(|(f, _)| *f).collect::<Vec<_>>(), vec![0, 1]);
-        assert!(links.next_in_line().is_none());
+            assert_eq!(links.open_conns(), 2);
+            assert!(links.next_in_line().is_none(), "no place free");
+            // Proxy 0's connection times out: what it owed is not heard, and proxy 2 gets its place.
+            let mut heard = Vec::new();
+            assert_eq!(links.on_deadline(ctx, 0, now + Duration::from_secs(2), &mut heard), None);
+            assert_eq!(heard, vec![Heard1::Silent { fan_out: 0 }, Heard1::Silent { fan_out: 1 }]);
+            let (backend, waiting) = links.next_in_line().unwrap();
+            assert_eq!(backend, 2);
+            assert_eq!(waiting.iter().map(|(f, _)| *f).collect::<Vec<_>>(), vec![0, 1]);
+            assert!(links.next_in_line().is_none());
+        });
+    }
+
+    #[test]
+    fn a_connection_that_cannot_be_made_leaves_its_purges_unheard_or_unasked() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        with_ctx::<()>(|ctx| {
+            let mut links = PurgeLinks::new(4);
+            let ask = Ask { key: "k", deadline: Instant::now() + Duration::from_secs(1) };
+            for fan_out in 0..2 {
+                for backend in 0..2 {
+                    links.ask(ctx, &ask, (backend, addr), fan_out);
+                }
+            }
+            let failed = |e| PeerClosed { end: PeerEnd::ConnectFailed(e), received: 0, was_connected: false };
+            let mut heard = Vec::new();
+            // Refused: the proxy holds nothing, it is not counted.
+            let refused = failed(std::io::ErrorKind::ConnectionRefused.into());
+            assert!(links.on_closed(links.peer_of(0).unwrap(), &refused, &mut heard));
+            assert_eq!(heard, vec![Heard1::Silent { fan_out: 0 }, Heard1::Silent { fan_out: 1 }]);
+            // Out of descriptors: the proxy could not be asked, so the PURGE is OVERLOADED.
+            heard.clear();
+            let short = failed(std::io::Error::from_raw_os_error(libc::EMFILE));
+            assert!(links.on_closed(links.peer_of(1).unwrap(), &short, &mut heard));
+            assert_eq!(heard, vec![Heard1::Short { fan_out: 0 }, Heard1::Short { fan_out: 1 }]);
+            assert_eq!(links.open_conns(), 0);
+            assert!(!links.involve(0) && !links.involve(1));
+        });
     }
 }

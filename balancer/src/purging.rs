@@ -1,11 +1,11 @@
 //! The PURGE fan-out's glue (SPEC 2.6, 3.8): what [`crate::purge`] decides, sent over the
 //! bounded connections of [`crate::purge_links`]. A child of the service module.
 
+use common::peer::{PeerClosed, PeerId};
 use common::protocol::Id;
 use common::server::{ClientId, Ctx, Ticket};
 
-use super::{purge_token, Balancer, Timer};
-use crate::failure::Failure;
+use super::{Balancer, Timer};
 use crate::purge::{Admit, Job, Outcome};
 use crate::purge_links::{Ask, Heard1};
 
@@ -43,39 +43,48 @@ impl Balancer {
         self.purge_finished(ctx, fan_out);
     }
 
-    /// One proxy's share of fan-out `fan_out`: sent, queued for a connection, or failed.
+    /// One proxy's share of fan-out `fan_out`: sent, or queued for a connection. (A proxy
+    /// that refuses the connection holds nothing: it is simply not counted.)
     fn ask_purge(&mut self, ctx: &mut Ctx<Timer>, backend: usize, fan_out: usize, key: &str) {
         let addr = self.core.backends[backend].addr;
-        let ask = Ask { registry: ctx.registry(), key, deadline: ctx.now() + self.core.config.request_timeout };
-        match self.purge_links.ask(&ask, (backend, addr), fan_out, purge_token) {
-            Ok(arm) => {
-                self.core.purges.asked(fan_out);
-                if let Some(due) = arm.and_then(|conn| self.purge_links.due(conn).map(|due| (conn, due))) {
-                    ctx.schedule(due.1, Timer::PurgeDeadline(due.0));
-                }
-            }
-            // A proxy that is not running holds nothing; it is simply not counted.
-            Err(Failure::Refused) => {}
-            Err(_) => self.core.purges.could_not_ask(fan_out),
+        let ask = Ask { key, deadline: ctx.now() + self.core.config.request_timeout };
+        let arm = self.purge_links.ask(ctx, &ask, (backend, addr), fan_out);
+        self.core.purges.asked(fan_out);
+        self.arm_purge_deadline(ctx, arm);
+    }
+
+    /// A deadline timer for PURGE connection `arm`, when [`PurgeLinks::ask`] wants one.
+    fn arm_purge_deadline(&mut self, ctx: &mut Ctx<Timer>, arm: Option<usize>) {
+        if let Some((conn, due)) = arm.and_then(|conn| self.purge_links.due(conn).map(|due| (conn, due))) {
+            ctx.schedule(due, Timer::PurgeDeadline(conn));
         }
     }
 
-    pub(super) fn on_purge_event(&mut self, ctx: &mut Ctx<Timer>, conn: usize) {
+    pub(super) fn on_purge_line(&mut self, ctx: &mut Ctx<Timer>, peer: PeerId, line: &[u8]) {
         let mut heard = Vec::new();
-        self.purge_links.on_event(ctx.registry(), conn, &mut heard);
-        self.purge_heard(ctx, heard);
+        if self.purge_links.on_line(ctx, peer, line, &mut heard) {
+            self.purge_heard(ctx, heard);
+        }
+    }
+
+    pub(super) fn on_purge_closed(&mut self, ctx: &mut Ctx<Timer>, peer: PeerId, closed: &PeerClosed) {
+        let mut heard = Vec::new();
+        if self.purge_links.on_closed(peer, closed, &mut heard) {
+            self.purge_heard(ctx, heard);
+        }
     }
 
     pub(super) fn on_purge_deadline(&mut self, ctx: &mut Ctx<Timer>, conn: usize) {
         let mut heard = Vec::new();
-        if let Some(due) = self.purge_links.on_deadline(ctx.registry(), conn, ctx.now(), &mut heard) {
+        if let Some(due) = self.purge_links.on_deadline(ctx, conn, ctx.now(), &mut heard) {
             ctx.schedule(due, Timer::PurgeDeadline(conn));
         }
         self.purge_heard(ctx, heard);
     }
 
     /// Applies what the proxies answered, then hands freed connections to the proxies in
-    /// line and starts queued PURGEs, until nothing more happens; writes what was queued.
+    /// line and starts queued PURGEs, until nothing more happens (the driver writes what
+    /// was queued at the end of the turn).
     fn purge_heard(&mut self, ctx: &mut Ctx<Timer>, mut heard: Vec<Heard1>) {
         loop {
             for h in heard.drain(..) {
@@ -102,21 +111,9 @@ impl Balancer {
                         heard.push(Heard1::Silent { fan_out }); // the proxy left the set
                         continue;
                     };
-                    let ask = Ask {
-                        registry: ctx.registry(),
-                        key: &key,
-                        deadline: ctx.now() + self.core.config.request_timeout,
-                    };
-                    match self.purge_links.ask(&ask, (backend, addr), fan_out, purge_token) {
-                        Ok(Some(conn)) => {
-                            if let Some(due) = self.purge_links.due(conn) {
-                                ctx.schedule(due, Timer::PurgeDeadline(conn));
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(Failure::Refused) => heard.push(Heard1::Silent { fan_out }),
-                        Err(_) => heard.push(Heard1::Short { fan_out }),
-                    }
+                    let ask = Ask { key: &key, deadline: ctx.now() + self.core.config.request_timeout };
+                    let arm = self.purge_links.ask(ctx, &ask, (backend, addr), fan_out);
+                    self.arm_purge_deadline(ctx, arm);
                 }
                 continue;
             }
@@ -125,10 +122,6 @@ impl Balancer {
                 None if heard.is_empty() => break,
                 None => {}
             }
-        }
-        self.purge_links.flush_all(ctx.registry(), &mut heard);
-        if !heard.is_empty() {
-            self.purge_heard(ctx, heard);
         }
     }
 

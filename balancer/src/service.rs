@@ -3,16 +3,13 @@
 //! connection pool, the PURGE fan-outs, health and the routing strategy. Nothing here decides.
 
 use common::admin::{Request as AdminRequest, Response as AdminResponse};
-use common::framing::Frame;
 use common::metrics::LatencyHistogram;
+use common::peer::{PeerClosed, PeerId, PeerLine};
 use common::protocol::{parse_request, write_tagged_get, write_text_request, Id, Key, KeyBuf, Op, Reply, Status};
-use common::server::{peer_index, peer_token, ClientId, Ctx, Service, Ticket};
-use common::upstream::Progress;
-use mio::event::Event;
-use mio::Token;
+use common::server::{ClientId, Ctx, Service, Ticket};
 
 use crate::attempts::Attempt;
-use crate::exchange::{Exchanges, MAX_ANSWER};
+use crate::exchange::Exchanges;
 use crate::failure::Failure;
 use crate::inflight::{InFlight, Parked};
 use crate::links::Links;
@@ -35,6 +32,8 @@ pub enum Timer {
     PurgeDeadline(usize),
 }
 
+#[path = "link_events.rs"]
+mod link_events;
 #[path = "probing.rs"]
 mod probing;
 #[path = "purging.rs"]
@@ -50,20 +49,6 @@ pub struct Balancer {
     pub(crate) purge_links: crate::purge_links::PurgeLinks,
     /// The dashboard's samples (SPEC 6), taken on the admin listener's tick.
     history: crate::history::History,
-}
-
-/// GET connections, exchanges and PURGE connections share the peer token space: 2n, 4n+1
-/// and 4n+3.
-fn link_token(index: usize) -> Token {
-    peer_token(index.saturating_mul(2))
-}
-
-fn exchange_token(index: usize) -> Token {
-    peer_token(index.saturating_mul(4).saturating_add(1))
-}
-
-fn purge_token(index: usize) -> Token {
-    peer_token(index.saturating_mul(4).saturating_add(3))
 }
 
 impl Balancer {
@@ -165,7 +150,8 @@ impl Balancer {
                 core.counters.retries += 1;
             }
             let Err(failure) = self.send(ctx, backend, index, false) else { return };
-            // Not even a connection could be started: try another proxy now.
+            // The pool named a connection that has gone (a connect that fails is told later,
+            // as the end of its connection): try another proxy now.
             self.core.note_failure(backend, failure);
             if let Some(r) = self.core.requests.get_mut(index) {
                 r.last_failure = Some(failure);
@@ -174,7 +160,8 @@ impl Balancer {
     }
 
     /// Queues request `index` on a connection to `backend` the pool picks (a new one when
-    /// `fresh`); it is written at the end of the turn with whatever else that connection got.
+    /// `fresh`); the driver writes it at the end of the turn with whatever else that
+    /// connection got.
     fn send(&mut self, ctx: &mut Ctx<Timer>, backend: usize, index: usize, fresh: bool) -> Result<(), Failure> {
         let core = &mut self.core;
         let b = &mut core.backends[backend];
@@ -186,10 +173,10 @@ impl Balancer {
         let (conn, reused_at) = match route {
             Route::Use { conn, idle } => {
                 let link = self.links.get(conn).ok_or(Failure::Reset)?;
-                (conn, (idle && link.answered > 0).then(|| link.up.received_bytes()))
+                (conn, (idle && link.answered > 0).then(|| ctx.peer_received(link.peer).unwrap_or(0)))
             }
             Route::Open(kind) => {
-                let conn = self.links.open(ctx.registry(), b.addr, backend, kind, link_token)?;
+                let conn = self.links.open(ctx, b.addr, backend, kind);
                 b.pool.opened(conn, kind);
                 (conn, None)
             }
@@ -198,7 +185,7 @@ impl Balancer {
         b.in_flight += 1;
         b.forwarded += 1;
         let id = core.book.start(ctx.now(), Attempt { request: index, backend, conn, reused_at });
-        match self.links.queue(conn) {
+        match self.links.queue(ctx, conn) {
             Some((out, ConnKind::Mux)) => write_tagged_get(out, &r.key, id),
             Some((out, ConnKind::Single)) => write_text_request(out, "GET", Some(&r.key)),
             None => {}
@@ -222,70 +209,6 @@ impl Balancer {
             Some(Next::Retry) => self.dispatch(ctx, a.request),
             Some(Next::GiveUp) => self.core.give_up(ctx, a.request),
             None => {}
-        }
-    }
-
-    /// Closes connection `conn`. Its GETs fail — except those sent on it after it idled, when
-    /// it closed without a byte more: the proxy had closed it, which is no failure (SPEC 3.5),
-    /// and they go again on a new connection. A lost connection counts as one failure of its
-    /// proxy however many GETs it carried (so `--fall` counts events, not requests).
-    fn lose(&mut self, ctx: &mut Ctx<Timer>, conn: usize, failure: Failure) {
-        let Some(link) = self.links.close(ctx.registry(), conn) else { return };
-        self.core.backends[link.backend].pool.closed(conn);
-        let received = link.up.received_bytes();
-        let mut counted = false;
-        for a in self.core.book.conn_lost(conn) {
-            let closed_while_idle =
-                matches!(failure, Failure::Closed | Failure::Reset) && a.reused_at == Some(received);
-            if !closed_while_idle {
-                if !std::mem::replace(&mut counted, true) {
-                    self.core.note_failure(a.backend, failure);
-                }
-                self.retry(ctx, a, failure);
-                continue;
-            }
-            self.core.counters.reopened += 1;
-            let b = &mut self.core.backends[a.backend];
-            b.in_flight = b.in_flight.saturating_sub(1);
-            b.forwarded = b.forwarded.saturating_sub(1);
-            if let Err(failure) = self.send(ctx, a.backend, a.request, true) {
-                self.fail(ctx, Attempt { reused_at: None, ..a }, failure);
-            }
-        }
-    }
-
-    fn on_link_event(&mut self, ctx: &mut Ctx<Timer>, conn: usize) {
-        let Some(link) = self.links.get_mut(conn) else { return };
-        match link.up.on_ready(MAX_ANSWER) {
-            Ok(Progress::Connecting) => return,
-            Ok(Progress::Ready) => {}
-            Err(_) if !link.up.is_connected() => return self.lose(ctx, conn, Failure::Refused),
-            Err(_) => return self.lose(ctx, conn, Failure::Reset),
-        }
-        while let Some(link) = self.links.get_mut(conn) {
-            let Frame::Line(line, used) = link.up.frame(MAX_ANSWER) else { break };
-            let shared = link.up.share(line);
-            let answered = self.core.on_answer(ctx, (conn, link.backend, link.kind), line, shared);
-            link.up.consume(used);
-            link.answered += 1;
-            match answered {
-                Ok(None) => {}
-                Ok(Some(garbled)) => self.fail(ctx, garbled, Failure::Garbage),
-                Err(failure) => return self.lose(ctx, conn, failure),
-            }
-        }
-        let Some(link) = self.links.get(conn) else { return };
-        if matches!(link.up.frame(MAX_ANSWER), Frame::TooLong) {
-            return self.lose(ctx, conn, Failure::TooLong);
-        }
-        if link.up.is_eof() {
-            return self.lose(ctx, conn, Failure::Closed);
-        }
-        if link.kind == ConnKind::Single
-            && self.core.book.owed_by(conn) == 0
-            && !self.core.backends[link.backend].pool.release(conn)
-        {
-            self.lose(ctx, conn, Failure::Closed); // enough idle ones kept already
         }
     }
 
@@ -348,14 +271,23 @@ impl Service for Balancer {
         }
     }
 
-    fn on_peer_event(&mut self, ctx: &mut Ctx<Timer>, token: Token, _event: &Event) {
-        let Some(n) = peer_index(token) else { return };
-        if n % 2 == 0 {
-            self.on_link_event(ctx, n / 2);
-        } else if n % 4 == 3 {
-            self.on_purge_event(ctx, n / 4);
-        } else if let Some(heard) = self.exchanges.on_event(n / 4) {
-            self.finish_exchange(ctx, n / 4, heard);
+    fn on_peer_line(&mut self, ctx: &mut Ctx<Timer>, peer: PeerId, line: PeerLine<'_>) {
+        if let Some(conn) = self.links.conn_of(peer) {
+            self.on_link_line(ctx, conn, line);
+        } else if let Some((index, heard)) = self.exchanges.heard(peer, &line) {
+            self.finish_exchange(ctx, index, heard);
+        } else {
+            self.on_purge_line(ctx, peer, &line);
+        }
+    }
+
+    fn on_peer_closed(&mut self, ctx: &mut Ctx<Timer>, peer: PeerId, closed: PeerClosed) {
+        if let Some((conn, link)) = self.links.ended(peer) {
+            self.on_link_closed(ctx, conn, link.backend, &closed);
+        } else if let Some(index) = self.exchanges.index_of(peer) {
+            self.finish_exchange(ctx, index, None);
+        } else {
+            self.on_purge_closed(ctx, peer, &closed);
         }
     }
 
@@ -381,6 +313,10 @@ impl Service for Balancer {
         self.history.sample(ctx.now(), crate::dashboard::wall_ms(), &metrics, &self.core.latency_us);
     }
 
+    fn outstanding(&self) -> Vec<(String, usize)> {
+        self.core.outstanding()
+    }
+
     fn on_room(&mut self, ctx: &mut Ctx<Timer>, client: ClientId) {
         self.resume(ctx, client);
     }
@@ -398,9 +334,6 @@ impl Service for Balancer {
             for conn in self.links.of_backend(backend) {
                 self.lose(ctx, conn, Failure::ProxyDown);
             }
-        }
-        while let Some(conn) = self.links.flush() {
-            self.lose(ctx, conn, Failure::Reset);
         }
         self.sweep_leaving(ctx);
     }
