@@ -157,7 +157,7 @@ impl World {
 
         let mut config = BalancerConfig::new(&proxy_addrs);
         config.server = server_config(BALANCER_PORT);
-        config.strategy = Strategy::ConsistentHash;
+        config.strategy = Strategy::ConsistentHash { load_factor: 1.25 };
         config.health_interval = TIMING.health_interval;
         config.health_timeout = TIMING.health_timeout;
         config.fall = TIMING.fall;
@@ -174,7 +174,11 @@ impl World {
 
         let host = nodes.len();
         let clients = Clients::new(host, addr(BALANCER_PORT), plan.clients.clone(), rng.next_u64());
-        let output_bound = ServerConfig::default().output_limit + plan.value_pad + 64 * 1024;
+        // SPEC 3.8: the output limit plus one answer. An answer relayed from the buffer it was
+        // read into keeps that buffer alive and counts all of it (at least two reads' worth,
+        // 128 KiB, or twice the line), so "one answer" is that buffer here.
+        let answer = plan.value_pad + 1024;
+        let output_bound = ServerConfig::default().output_limit + (128 * 1024).max(2 * answer) + answer;
         World {
             epoch,
             now: Duration::ZERO,
@@ -491,14 +495,18 @@ impl World {
     fn check_leaks(&mut self) {
         for id in 0..self.nodes.len() {
             let name = self.name(id);
-            for (what, n) in self.nodes[id].outstanding() {
+            let outstanding = self.nodes[id].outstanding();
+            let count = |name: &str| outstanding.iter().find(|(w, _)| w == name).map_or(0, |(_, n)| *n);
+            // An idle timer per connection, and the service's periodic ones.
+            let timers = count("client connections") + 4 * self.proxies.len() + 8;
+            for (what, n) in outstanding.iter().cloned() {
                 let allowed = match what.as_str() {
                     // The simulated clients have all closed their connections to the balancer.
                     "client connections" if id == self.balancer => 0,
                     // Pooled connections (a proxy's to its origin, the balancer's to the proxies,
                     // each seen at both ends) and periodic timers stay; a bounded number of them.
                     "client connections" | "peer connections" => POOL_BOUND,
-                    "timers" => 4 * self.proxies.len() + 8,
+                    "timers" => timers,
                     _ => 0,
                 };
                 if n > allowed {
