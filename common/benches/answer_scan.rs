@@ -73,6 +73,12 @@ fn text_value(text: &str, bytes: usize) -> Vec<u8> {
 
 const CJK: &str = "日本語のテキストは一文字三バイトです。中文字符也是三个字节。Ελληνικά кириллица 😀🎉 ";
 const LATIN: &str = "Příliš žluťoučký kůň úpěl ďábelské ódy; Größenwahn, façade, naïve café. ";
+/// English with a non-ASCII character now and then (every ~150 bytes).
+const ENGLISH: &str = "The cache tier answers every GET from the nearest proxy — or from the origin \
+                       when no proxy has it — and the balancer checks each answer before it relays it. ";
+/// Runs of 17 ASCII bytes between non-ASCII characters: each run one byte past the two words
+/// a short string is read in.
+const SHORT_RUNS: &str = "abcdefghijklmnopqé";
 const ESCAPED: &str = "He said \\\"hello\\\" and left.\\nLine two\\tends here, path C:\\\\tmp\\\\x. ";
 
 fn inputs() -> Vec<(&'static str, Vec<u8>)> {
@@ -83,6 +89,8 @@ fn inputs() -> Vec<(&'static str, Vec<u8>)> {
         ("small_members_64k", proxy_line(&small_members(64 << 10))),
         ("utf8_cjk_64k", proxy_line(&text_value(CJK, 64 << 10))),
         ("utf8_latin_64k", proxy_line(&text_value(LATIN, 64 << 10))),
+        ("english_64k", proxy_line(&text_value(ENGLISH, 64 << 10))),
+        ("short_runs_64k", proxy_line(&text_value(SHORT_RUNS, 64 << 10))),
         ("escaped_text_64k", proxy_line(&text_value(ESCAPED, 64 << 10))),
     ]
 }

@@ -244,29 +244,6 @@ mod scan {
 
     type Step<T = ()> = Result<T, NotJson>;
 
-    /// Byte classes inside a string.
-    const PLAIN: u8 = 0;
-    const QUOTE: u8 = 1;
-    const BACKSLASH: u8 = 2;
-    const CONTROL: u8 = 3;
-    const HIGH: u8 = 4;
-
-    static CLASS: [u8; 256] = {
-        let mut class = [PLAIN; 256];
-        let mut b = 0;
-        while b < 256 {
-            class[b] = match b {
-                0..=0x1f => CONTROL,
-                0x22 => QUOTE,
-                0x5c => BACKSLASH,
-                0x80..=0xff => HIGH,
-                _ => PLAIN,
-            };
-            b += 1;
-        }
-        class
-    };
-
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
 
@@ -281,31 +258,117 @@ mod scan {
         (quote | backslash | control | w) & HIGHS
     }
 
-    /// Where the run of plain string bytes (printable ASCII but `"` and `\\`) that starts at
-    /// `at` ends. Short strings (names, statuses, keys) are read a word at a time; a longer
-    /// run is found with `memchr` (SIMD) and checked in one vectorized pass.
-    fn plain_run(b: &[u8], mut at: usize) -> usize {
+    /// Where the run of string bytes that starts at `at` ends: at the next `"` or `\`, every
+    /// byte before it checked to be part of a UTF-8 character other than a control. Short
+    /// runs (names, statuses, keys) are read a word at a time; a longer one is found with
+    /// `memchr` (SIMD) and then checked whole, since neither `"` nor `\` can be part of a
+    /// multi-byte character: printable ASCII in one vectorized pass, anything else by
+    /// [`utf8::printable`].
+    fn string_run(b: &[u8], mut at: usize) -> Step<usize> {
         for _ in 0..2 {
-            let Some(word) = b.get(at..).and_then(|rest| rest.first_chunk::<8>()) else {
-                while b.get(at).is_some_and(|c| CLASS[usize::from(*c)] == PLAIN) {
-                    at += 1;
-                }
-                return at;
-            };
+            let Some(word) = b.get(at..).and_then(|rest| rest.first_chunk::<8>()) else { break };
             let special = specials(u64::from_le_bytes(*word));
             if special != 0 {
-                return at + (special.trailing_zeros() / 8) as usize;
+                at += (special.trailing_zeros() / 8) as usize;
+                if matches!(b.get(at), Some(b'"' | b'\\')) {
+                    return Ok(at);
+                }
+                break; // a control or a non-ASCII byte: checked below
             }
             at += 8;
         }
         let rest = b.get(at..).unwrap_or_default();
-        let end = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+        let end = memchr::memchr2(b'"', b'\\', rest).ok_or(NotJson)?;
         let run = rest.get(..end).unwrap_or_default();
-        let (low, high) = run.iter().fold((u8::MAX, 0), |(low, high), c| (low.min(*c), high.max(*c)));
-        if low >= 0x20 && high < 0x80 {
-            return at + end;
+        if utf8::printable_ascii(run) || utf8::printable(run) {
+            Ok(at + end)
+        } else {
+            Err(NotJson)
         }
-        at + run.iter().position(|c| CLASS[usize::from(*c)] != PLAIN).unwrap_or(end)
+    }
+
+    /// UTF-8 without control bytes (what may stand between a string's quotes and escapes),
+    /// checked by a DFA whose every transition for one byte is packed in one word: the state
+    /// is a shift, and `TABLE[byte] >> state & 63` the next one (after Per Vognsen's
+    /// shift-based DFA). Overlong forms (`C0 80`, `E0 80 80`, `F0 80 80 80`), UTF-16
+    /// surrogates (`ED A0 80`…`ED BF BF`) and code points past U+10FFFF are errors, as in
+    /// `std::str::from_utf8`.
+    pub(super) mod utf8 {
+        /// The error state: 0, so every byte keeps it there.
+        const ERROR: u64 = 0;
+        /// Between characters.
+        const ACCEPT: u64 = 6;
+        /// 1, 2 or 3 continuation bytes (80..BF) to go.
+        const TAIL1: u64 = 12;
+        const TAIL2: u64 = 18;
+        const TAIL3: u64 = 24;
+        /// After E0 (A0..BF next: no overlong), ED (80..9F: no surrogate), F0 (90..BF: no
+        /// overlong), F4 (80..8F: nothing past U+10FFFF).
+        const AFTER_E0: u64 = 30;
+        const AFTER_ED: u64 = 36;
+        const AFTER_F0: u64 = 42;
+        const AFTER_F4: u64 = 48;
+
+        const fn on(from: u64, to: u64) -> u64 {
+            to << from
+        }
+
+        static TABLE: [u64; 256] = {
+            let mut table = [0; 256];
+            let mut b = 0;
+            while b < 256 {
+                table[b] = match b {
+                    0x20..=0x7f => on(ACCEPT, ACCEPT),
+                    0x80..=0xbf => {
+                        let any = on(TAIL1, ACCEPT) | on(TAIL2, TAIL1) | on(TAIL3, TAIL2);
+                        let e = if b < 0xa0 { on(AFTER_ED, TAIL1) } else { on(AFTER_E0, TAIL1) };
+                        let f = if b < 0x90 { on(AFTER_F4, TAIL2) } else { on(AFTER_F0, TAIL2) };
+                        any | e | f
+                    }
+                    0xc2..=0xdf => on(ACCEPT, TAIL1),
+                    0xe0 => on(ACCEPT, AFTER_E0),
+                    0xed => on(ACCEPT, AFTER_ED),
+                    0xe1..=0xec | 0xee | 0xef => on(ACCEPT, TAIL2),
+                    0xf0 => on(ACCEPT, AFTER_F0),
+                    0xf4 => on(ACCEPT, AFTER_F4),
+                    0xf1..=0xf3 => on(ACCEPT, TAIL3),
+                    // Controls, C0 and C1 (always overlong), F5..FF (past U+10FFFF).
+                    _ => 0,
+                };
+                b += 1;
+            }
+            table
+        };
+
+        fn run(state: u64, bytes: &[u8]) -> u64 {
+            bytes.iter().fold(state, |state, b| TABLE[usize::from(*b)] >> state & 63)
+        }
+
+        /// Whether every byte is printable ASCII (0x20..=0x7f), in one pass that LLVM
+        /// vectorizes: `b ^ 0x80` puts those bytes, and only those, at 0xa0 and above.
+        pub fn printable_ascii(bytes: &[u8]) -> bool {
+            bytes.iter().fold(u8::MAX, |low, b| low.min(b ^ 0x80)) >= 0xa0
+        }
+
+        /// Whether `bytes` are whole UTF-8 characters without a control byte. Blocks of
+        /// printable ASCII between characters are skipped a block at a time.
+        pub fn printable(bytes: &[u8]) -> bool {
+            const BLOCK: usize = 64;
+            let mut state = ACCEPT;
+            for block in bytes.chunks(BLOCK) {
+                if state != ACCEPT || !printable_ascii(block) {
+                    state = run(state, block);
+                }
+            }
+            state == ACCEPT
+        }
+
+        #[cfg(test)]
+        pub(crate) fn printable_bytewise(bytes: &[u8]) -> bool {
+            run(ACCEPT, bytes) == ACCEPT
+        }
+
+        const _: () = assert!(ERROR == 0 && AFTER_F4 + 6 <= 64);
     }
 
     /// Containers open around the cursor, one bit each (set: object): 1,024 levels inline,
@@ -383,33 +446,15 @@ mod scan {
         /// A string, the cursor on its opening quote; returns whether it had escapes.
         fn string(&mut self) -> Step<bool> {
             self.eat(b'"')?;
-            let b = self.b;
-            let mut at = self.at;
             let mut escaped = false;
             loop {
-                at = plain_run(b, at);
-                let byte = *b.get(at).ok_or(NotJson)?;
-                match CLASS[usize::from(byte)] {
-                    PLAIN => at += 1,
-                    QUOTE => {
-                        self.at = at + 1;
-                        return Ok(escaped);
-                    }
-                    BACKSLASH => {
-                        escaped = true;
-                        self.at = at + 1;
-                        self.escape()?;
-                        at = self.at;
-                    }
-                    // A run of non-ASCII bytes ends at a character boundary: it must be
-                    // whole UTF-8 characters by itself.
-                    HIGH => {
-                        let run = b.get(at..).unwrap_or_default().iter().take_while(|b| **b >= 0x80).count();
-                        std::str::from_utf8(b.get(at..at + run).ok_or(NotJson)?).map_err(|_| NotJson)?;
-                        at += run;
-                    }
-                    _ => return Err(NotJson), // a control byte
+                let at = string_run(self.b, self.at)?;
+                self.at = at + 1;
+                if self.b.get(at) == Some(&b'"') {
+                    return Ok(escaped);
                 }
+                escaped = true; // a backslash
+                self.escape()?;
             }
         }
 
