@@ -925,4 +925,155 @@ mod tests {
         assert!(answer.status_is(Status::Ok));
         assert_eq!(answer.data, b"[1]");
     }
+
+    /// Pieces a string's fast path must judge exactly: delimiters, escapes, controls, every
+    /// length of UTF-8 character at its bounds, and the malformed ones (truncated, stray
+    /// continuation, overlong, surrogate, past U+10FFFF, never-valid bytes).
+    const PIECES: &[&[u8]] = &[
+        b"\"",
+        b"\\",
+        b"\\\"",
+        b"\\\\",
+        b"\\u00e9",
+        b"\\ud800",
+        b"\\x",
+        b"\x00",
+        b"\x1f",
+        b"\n",
+        b"\t",
+        b"\x7f",
+        b" ",
+        "é".as_bytes(),
+        "€".as_bytes(),
+        "😀".as_bytes(),
+        b"\xc2\x80",         // U+0080
+        b"\xdf\xbf",         // U+07FF
+        b"\xe0\xa0\x80",     // U+0800
+        b"\xed\x9f\xbf",     // U+D7FF
+        b"\xee\x80\x80",     // U+E000
+        b"\xef\xbf\xbf",     // U+FFFF
+        b"\xf0\x90\x80\x80", // U+10000
+        b"\xf4\x8f\xbf\xbf", // U+10FFFF
+        b"\xed\xa0\x80",     // U+D800 encoded: a surrogate
+        b"\xed\xbf\xbf",     // U+DFFF
+        b"\xc0\x80",         // overlong NUL
+        b"\xc1\xbf",
+        b"\xe0\x80\x80",
+        b"\xe0\x9f\xbf",
+        b"\xf0\x80\x80\x80",
+        b"\xf0\x8f\xbf\xbf",
+        b"\xf4\x90\x80\x80", // U+110000
+        b"\xf5\x80\x80\x80",
+        b"\xf8\x88\x80\x80\x80",
+        b"\xff",
+        b"\x80",
+        b"\xbf",
+        b"\xc3",
+        b"\xe2\x82",
+        b"\xf0\x9f\x98",
+        b"\xc3\xa9\xa9",
+    ];
+
+    /// The answer line with `text` between the quotes of `data` (and of a member name), in
+    /// this project's encoding and in one the general scan reads.
+    fn lines_with_string(text: &[u8]) -> [Vec<u8>; 3] {
+        let canonical = [&b"{\"status\":\"OK\",\"data\":\""[..], text, b"\",\"id\":3}"].concat();
+        let general = [&b" {\"data\":[\""[..], text, b"\"],\"status\":\"OK\"}"].concat();
+        let name = [&b"{\"status\":\"OK\",\"data\":{\""[..], text, b"\":1}}"].concat();
+        [canonical, general, name]
+    }
+
+    fn agrees_with_serde(line: &[u8]) {
+        assert_eq!(parse_answer(line), parse_answer_with_serde(line), "{:?}", String::from_utf8_lossy(line));
+    }
+
+    #[test]
+    fn every_piece_at_every_offset_around_the_words_and_blocks_of_the_fast_path() {
+        // A run is read in two 8-byte words, then found with memchr and checked in 64-byte
+        // blocks: offsets 0..=140 cross all of those edges, and what follows the piece
+        // (0..=9 bytes, then the closing quote) the end of the line's last word.
+        for piece in PIECES {
+            for before in 0..=140 {
+                for after in 0..=9 {
+                    let text = [&b"x".repeat(before)[..], piece, &b"y".repeat(after)].concat();
+                    for line in lines_with_string(&text) {
+                        agrees_with_serde(&line);
+                    }
+                }
+            }
+        }
+        // And a character split across a block edge in a run of non-ASCII text.
+        for before in 0..=70 {
+            let text = [&"é".repeat(before).into_bytes()[..], "😀".as_bytes(), "€".repeat(40).as_bytes()].concat();
+            for line in lines_with_string(&text) {
+                assert!(parse_answer(&line).is_ok());
+                agrees_with_serde(&line);
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_utf8_and_controls_fail_wherever_they_are() {
+        let bad: &[&[u8]] =
+            &[b"\x01", b"\x1f", b"\xed\xa0\x80", b"\xc0\x80", b"\xe0\x80\x80", b"\xf4\x90\x80\x80", b"\xc3"];
+        for piece in bad {
+            for at in [0, 7, 8, 15, 16, 17, 63, 64, 65, 127, 128, 1000] {
+                for fill in ["x", "é"] {
+                    let text = [&fill.repeat(at).into_bytes()[..], piece, &fill.repeat(200).into_bytes()].concat();
+                    for line in lines_with_string(&text) {
+                        assert_eq!(parse_answer(&line).err(), Some(AnswerError::NotJson), "{piece:?} at {at}");
+                    }
+                }
+            }
+        }
+        // A character's lead and its continuation with printable ASCII between them, so
+        // that a block of it may lie between the two.
+        for at in 0..=160 {
+            for between in [1, 2, 63, 64, 65, 128, 129] {
+                let text = [&b"x".repeat(at)[..], b"\xc3", &b"x".repeat(between), b"\xa9"].concat();
+                for line in lines_with_string(&text) {
+                    assert_eq!(parse_answer(&line).err(), Some(AnswerError::NotJson), "{at} {between}");
+                }
+            }
+        }
+    }
+
+    fn byte_soup() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let byte = prop_oneof![
+            4 => 0x20u8..0x7f,
+            2 => 0x80u8..0xc0,
+            1 => 0xc0u8..0xf8,
+            1 => prop::sample::select(vec![0xe0u8, 0xed, 0xf0, 0xf4, 0xc2, 0xdf, 0xf5, 0xff]),
+            1 => 0u8..0x20,
+        ];
+        let run = prop_oneof![
+            3 => prop::collection::vec(byte, 0..8),
+            2 => prop::sample::select(PIECES.to_vec()).prop_map(<[u8]>::to_vec),
+            2 => (0usize..80).prop_map(|n| b"a".repeat(n)),
+            1 => (0usize..30).prop_map(|n| "日".repeat(n).into_bytes()),
+        ];
+        prop::collection::vec(run, 0..12).prop_map(|runs| runs.concat())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// The DFA is `std::str::from_utf8` without control bytes, on any bytes.
+        #[test]
+        fn the_utf8_check_is_std_without_controls(bytes in byte_soup()) {
+            let expected = std::str::from_utf8(&bytes).is_ok() && bytes.iter().all(|b| *b >= 0x20);
+            proptest::prop_assert_eq!(scan::utf8::printable(&bytes), expected);
+            proptest::prop_assert_eq!(scan::utf8::printable_bytewise(&bytes), expected);
+            proptest::prop_assert_eq!(scan::utf8::printable_ascii(&bytes), bytes.iter().all(|b| (0x20..0x80).contains(b)));
+        }
+
+        /// Strings of such bytes, anywhere in an answer, are judged as serde judges them.
+        #[test]
+        fn strings_of_any_bytes_are_judged_as_serde_does(bytes in byte_soup()) {
+            for line in lines_with_string(&bytes) {
+                proptest::prop_assert_eq!(parse_answer(&line), parse_answer_with_serde(&line));
+            }
+        }
+    }
 }
