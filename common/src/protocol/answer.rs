@@ -340,8 +340,12 @@ mod scan {
             table
         };
 
+        fn step(state: u64, byte: u8) -> u64 {
+            TABLE[usize::from(byte)] >> state & 63
+        }
+
         fn run(state: u64, bytes: &[u8]) -> u64 {
-            bytes.iter().fold(state, |state, b| TABLE[usize::from(*b)] >> state & 63)
+            bytes.iter().fold(state, |state, b| step(state, *b))
         }
 
         /// Whether every byte is printable ASCII (0x20..=0x7f), in one pass that LLVM
@@ -351,16 +355,42 @@ mod scan {
         }
 
         /// Whether `bytes` are whole UTF-8 characters without a control byte. Blocks of
-        /// printable ASCII between characters are skipped a block at a time.
+        /// printable ASCII between characters are skipped a block at a time. A long run is
+        /// checked as two halves side by side, cut where a character starts: each step of the
+        /// DFA waits for the one before it, so two independent chains run in the time of one.
         pub fn printable(bytes: &[u8]) -> bool {
-            const BLOCK: usize = 64;
-            let mut state = ACCEPT;
-            for block in bytes.chunks(BLOCK) {
-                if state != ACCEPT || !printable_ascii(block) {
-                    state = run(state, block);
+            let cut = match bytes.len() / 2 {
+                half if half < BLOCK => bytes.len(),
+                // Neither half is then cut inside a character; four continuation bytes in a
+                // row are no UTF-8 at all.
+                half => match bytes.iter().skip(half).take(4).position(|b| b & 0xc0 != 0x80) {
+                    Some(at) => half + at,
+                    None => return false,
+                },
+            };
+            let (first, second) = bytes.split_at(cut);
+            let (mut a, mut b) = (first.chunks(BLOCK), second.chunks(BLOCK));
+            let mut states = (ACCEPT, ACCEPT);
+            loop {
+                states = match (a.next(), b.next()) {
+                    (None, None) => return states == (ACCEPT, ACCEPT),
+                    (x, y) => blocks(states, x.unwrap_or_default(), y.unwrap_or_default()),
                 }
             }
-            state == ACCEPT
+        }
+
+        const BLOCK: usize = 64;
+
+        /// The states after block `x` of the first half and block `y` of the second.
+        fn blocks((a, b): (u64, u64), x: &[u8], y: &[u8]) -> (u64, u64) {
+            let skip_x = a == ACCEPT && printable_ascii(x);
+            let skip_y = b == ACCEPT && printable_ascii(y);
+            match (skip_x, skip_y) {
+                (false, false) if x.len() == y.len() => {
+                    x.iter().zip(y).fold((a, b), |(a, b), (p, q)| (step(a, *p), step(b, *q)))
+                }
+                _ => (if skip_x { a } else { run(a, x) }, if skip_y { b } else { run(b, y) }),
+            }
         }
 
         #[cfg(test)]
@@ -443,8 +473,25 @@ mod scan {
             Ok(())
         }
 
-        /// A string, the cursor on its opening quote; returns whether it had escapes.
+        /// A string, the cursor on its opening quote; returns whether it had escapes. Most
+        /// (names, short values) end within the word after their quote: those are read here,
+        /// inline, the rest by [`Cursor::long_string`].
+        #[inline(always)]
         fn string(&mut self) -> Step<bool> {
+            let after = self.at + 1;
+            if let (Some(b'"'), Some(word)) = (self.peek(), self.b.get(after..).and_then(|r| r.first_chunk::<8>())) {
+                let special = specials(u64::from_le_bytes(*word));
+                let end = after + (special.trailing_zeros() / 8) as usize;
+                if special != 0 && self.b.get(end) == Some(&b'"') {
+                    self.at = end + 1;
+                    return Ok(false);
+                }
+            }
+            self.long_string()
+        }
+
+        #[inline(never)]
+        fn long_string(&mut self) -> Step<bool> {
             self.eat(b'"')?;
             let mut escaped = false;
             loop {
@@ -1033,6 +1080,25 @@ mod tests {
                 let text = [&b"x".repeat(at)[..], b"\xc3", &b"x".repeat(between), b"\xa9"].concat();
                 for line in lines_with_string(&text) {
                     assert_eq!(parse_answer(&line).err(), Some(AnswerError::NotJson), "{at} {between}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_runs_are_cut_in_two_where_a_character_starts() {
+        // printable() checks a run of 128 bytes or more as two halves: pieces around the
+        // middle, in text of 1- to 4-byte characters of every alignment.
+        let text = "a日é😀".repeat(40).into_bytes();
+        for len in 120..=300 {
+            for offset in 0..4 {
+                let base = &text[offset..offset + len];
+                for at in len / 2 - 6..=len / 2 + 6 {
+                    for piece in PIECES.iter().chain([&b""[..]].iter()) {
+                        let bytes = [&base[..at], piece, &base[at..]].concat();
+                        let expected = std::str::from_utf8(&bytes).is_ok() && bytes.iter().all(|b| *b >= 0x20);
+                        assert_eq!(scan::utf8::printable(&bytes), expected, "{bytes:?}");
+                    }
                 }
             }
         }
