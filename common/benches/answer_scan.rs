@@ -50,7 +50,7 @@ fn small_members(bytes: usize) -> Vec<u8> {
                  \"ok\":{},\"ref\":null,\"pos\":{{\"x\":-1.25e-3,\"y\":{}}}}}",
                 n % 1000,
                 n % 100,
-                n % 2 == 0,
+                n.is_multiple_of(2),
                 n * 7
             )
             .as_bytes(),
