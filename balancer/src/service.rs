@@ -7,6 +7,7 @@ use common::metrics::LatencyHistogram;
 use common::peer::{PeerClosed, PeerId, PeerLine};
 use common::protocol::{parse_request, write_tagged_get, write_text_request, Id, Key, KeyBuf, Op, Reply, Status};
 use common::server::{ClientId, Ctx, Service, Ticket};
+use log::debug;
 
 use crate::attempts::Attempt;
 use crate::exchange::Exchanges;
@@ -148,6 +149,8 @@ impl Balancer {
             };
             if r.begin_attempt(backend) {
                 core.counters.retries += 1;
+                let why = r.last_failure.map_or("failed", Failure::describe);
+                debug!("GET {} retried on {} (the last attempt: {why})", r.key.as_str(), core.backends[backend].name);
             }
             let Err(failure) = self.send(ctx, backend, index, false) else { return };
             // The pool named a connection that has gone (a connect that fails is told later,

@@ -189,7 +189,9 @@ impl Clients {
         if closed {
             let owed = c.ordered.len() + c.by_id.len();
             if owed > 0 {
-                heard.violations.push(("exactly-one-answer", format!("client {n}: connection closed with {owed} answers owed")));
+                heard
+                    .violations
+                    .push(("exactly-one-answer", format!("client {n}: connection closed with {owed} answers owed")));
             }
             c.ordered.clear();
             c.by_id.clear();
@@ -289,7 +291,9 @@ fn check_answer(c: &mut Client, table: &Table, line: &[u8], now: Duration, heard
         }
         if let Some(v) = data.and_then(|d| d.get("v")).and_then(Value::as_u64) {
             match table.ended(&sent.key, v as usize) {
-                Err(()) => heard.violations.push(("origin-value", format!("GET {} answered version {v}, never held", sent.key))),
+                Err(()) => heard
+                    .violations
+                    .push(("origin-value", format!("GET {} answered version {v}, never held", sent.key))),
                 Ok(ended) => heard.answers_versions(&sent, v, ended, stale),
             }
         }

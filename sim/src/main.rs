@@ -39,9 +39,11 @@ fn scenarios(name: &str) -> Result<Vec<&'static str>, String> {
     if name == "all" {
         return Ok(sim::scenario::NAMES.to_vec());
     }
-    sim::scenario::NAMES.iter().find(|n| **n == name).map(|n| vec![*n]).ok_or_else(|| {
-        format!("unknown scenario {name:?}; known: all, {}", sim::scenario::NAMES.join(", "))
-    })
+    sim::scenario::NAMES
+        .iter()
+        .find(|n| **n == name)
+        .map(|n| vec![*n])
+        .ok_or_else(|| format!("unknown scenario {name:?}; known: all, {}", sim::scenario::NAMES.join(", ")))
 }
 
 fn main() -> ExitCode {

@@ -359,7 +359,8 @@ impl Net {
         };
         let conn = self.next_conn;
         self.next_conn += 1;
-        self.conns.insert(conn, Conn { ends: [end(node, tag, local), end(usize::MAX, Tag::Pending, addr)], target: addr });
+        self.conns
+            .insert(conn, Conn { ends: [end(node, tag, local), end(usize::MAX, Tag::Pending, addr)], target: addr });
         let at = self.now + self.latency();
         self.schedule(at, Event::Syn(conn));
         EndId { conn, side: 0 }
@@ -718,7 +719,8 @@ mod tests {
 
     #[test]
     fn bytes_arrive_in_order_however_they_are_cut() {
-        let mut net = Net::new(7, NetConfig { split: 0.9, partial_write: 0.9, partial_read: 0.9, ..NetConfig::default() });
+        let mut net =
+            Net::new(7, NetConfig { split: 0.9, partial_write: 0.9, partial_read: 0.9, ..NetConfig::default() });
         let (a, b) = connected_pair(&mut net);
         let message: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         let mut rest = &message[..];

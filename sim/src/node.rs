@@ -151,7 +151,15 @@ impl<S: Service> Node<S>
 where
     S::Timer: 'static,
 {
-    pub fn start(id: NodeId, name: &str, addr: SocketAddr, config: ServerConfig, make: Make<S>, net: SharedNet, now: Instant) -> Self {
+    pub fn start(
+        id: NodeId,
+        name: &str,
+        addr: SocketAddr,
+        config: ServerConfig,
+        make: Make<S>,
+        net: SharedNet,
+        now: Instant,
+    ) -> Self {
         let mut node = Node { id, name: name.to_string(), addr, config, make, net, live: None };
         node.restart(now);
         node

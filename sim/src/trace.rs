@@ -25,7 +25,14 @@ struct SimLogger;
 
 impl Log for SimLogger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        CONTEXT.with(|c| c.borrow().level.is_some_and(|level| metadata.level() <= level))
+        // The balancer's retries are logged at debug (they are per request): the timeline
+        // has them at info already, as they are much of what a person follows.
+        let retries = metadata.target() == "balancer::service";
+        CONTEXT.with(|c| {
+            c.borrow()
+                .level
+                .is_some_and(|level| metadata.level() <= level || (retries && metadata.level() <= Level::Debug))
+        })
     }
 
     fn log(&self, record: &Record<'_>) {

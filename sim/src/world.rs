@@ -57,7 +57,9 @@ impl Timing {
     /// a proxy that came back must pass `rise` probes, and one that went away must fail
     /// `fall` of them or the attempts on it must time out.
     pub fn detection_window(&self) -> Duration {
-        self.health_interval * (self.fall + self.rise + 2) + self.health_timeout + self.request_timeout * (self.retries + 1)
+        self.health_interval * (self.fall + self.rise + 2)
+            + self.health_timeout
+            + self.request_timeout * (self.retries + 1)
     }
 }
 
@@ -115,6 +117,8 @@ pub struct World {
     serviceable_since: Option<Duration>,
     outcome: Outcome,
     output_bound: usize,
+    /// Failing spells of the origin under way (they may overlap).
+    origin_failing: usize,
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -138,7 +142,15 @@ impl World {
         let values = SimValues(table.clone());
         let latency = plan.origin_latency;
         let make_origin = Box::new(move |_now| Origin::new(Store::from_values(Box::new(values.clone())), latency));
-        nodes.push(Box::new(Node::start(0, "origin", addr(ORIGIN_PORT), server_config(ORIGIN_PORT), make_origin, net.clone(), epoch)));
+        nodes.push(Box::new(Node::start(
+            0,
+            "origin",
+            addr(ORIGIN_PORT),
+            server_config(ORIGIN_PORT),
+            make_origin,
+            net.clone(),
+            epoch,
+        )));
 
         let mut proxy_addrs = Vec::new();
         for i in 0..plan.proxies {
@@ -152,7 +164,15 @@ impl World {
             config.sweep_interval = Duration::from_millis(200);
             let make = Box::new(move |now| Proxy::new(&config, port, now));
             let name = format!("proxy {port}");
-            nodes.push(Box::new(Node::start(nodes.len(), &name, addr(port), server_config(port), make, net.clone(), epoch)));
+            nodes.push(Box::new(Node::start(
+                nodes.len(),
+                &name,
+                addr(port),
+                server_config(port),
+                make,
+                net.clone(),
+                epoch,
+            )));
         }
 
         let mut config = BalancerConfig::new(&proxy_addrs);
@@ -201,6 +221,7 @@ impl World {
             serviceable_since: Some(Duration::ZERO),
             outcome: Outcome::default(),
             output_bound,
+            origin_failing: 0,
         }
     }
 
@@ -373,7 +394,8 @@ impl World {
             *self.outcome.by_status.entry(answer.status.clone()).or_default() += 1;
             self.outcome.hits += usize::from(answer.cache_hit);
             self.outcome.stale += usize::from(answer.stale);
-            if answer.status != "OK" {
+            // ORIGIN_ERROR is what a failing origin says: the fault's own line says it once.
+            if answer.status != "OK" && answer.status != "ORIGIN_ERROR" {
                 trace::note(self.now, "client", format_args!("GET {} -> {}", answer.key, answer.status));
             }
             if answer.status == "PROXY_UNREACHABLE" {
@@ -447,14 +469,23 @@ impl World {
                 for end in &conns {
                     self.net.borrow_mut().reset(*end);
                 }
-                trace::note(now, "net", format_args!("reset {} connections {} | {}", conns.len(), self.name(a), self.name(b)));
+                trace::note(
+                    now,
+                    "net",
+                    format_args!("reset {} connections {} | {}", conns.len(), self.name(a), self.name(b)),
+                );
             }
             Action::OriginFailing(on) => {
+                let was = self.origin_failing > 0;
+                self.origin_failing = if on { self.origin_failing + 1 } else { self.origin_failing.saturating_sub(1) };
+                let failing = self.origin_failing > 0;
                 if let Ok(mut table) = self.table.lock() {
-                    table.failing = on;
+                    table.failing = failing;
                 }
-                let what = if on { "FAILING (every GET is ORIGIN_ERROR)" } else { "healthy again" };
-                trace::note(now, "origin", format_args!("{what}"));
+                if failing != was {
+                    let what = if failing { "FAILING (every GET is ORIGIN_ERROR)" } else { "healthy again" };
+                    trace::note(now, "origin", format_args!("{what}"));
+                }
             }
         }
         self.update_serviceable();
@@ -467,9 +498,10 @@ impl World {
         let net = self.net.borrow();
         let ok = up(self.origin)
             && up(self.balancer)
-            && self.proxies.iter().any(|p| {
-                up(*p) && !net.is_partitioned(*p, self.balancer) && !net.is_partitioned(*p, self.origin)
-            });
+            && self
+                .proxies
+                .iter()
+                .any(|p| up(*p) && !net.is_partitioned(*p, self.balancer) && !net.is_partitioned(*p, self.origin));
         drop(net);
         match (ok, self.serviceable_since) {
             (true, None) => self.serviceable_since = Some(self.now),
