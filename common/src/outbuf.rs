@@ -70,6 +70,27 @@ impl Output {
         self.counted
     }
 
+    /// The memory this connection's output holds, measured apart from [`Output::counted`]
+    /// (for the simulator, which checks the bound against what is held, not against the
+    /// count the bound is enforced with): unwritten owned bytes, the held-back answers'
+    /// bytes, and each distinct shared buffer's footprint once.
+    pub fn held<'a>(&self, parked: impl Iterator<Item = &'a Parked>) -> usize {
+        let mut buffers = std::collections::BTreeMap::new();
+        let mut owned = self.bytes.len().saturating_sub(self.pos);
+        for seg in &self.segs {
+            if let Seg::Shared(body) = seg {
+                buffers.insert(body.buffer_key(), body.footprint());
+            }
+        }
+        for p in parked {
+            owned = owned.saturating_add(p.bytes.len());
+            if let Some((_, body)) = &p.shared {
+                buffers.insert(body.buffer_key(), body.footprint());
+            }
+        }
+        buffers.values().fold(owned, |sum, n| sum.saturating_add(*n))
+    }
+
     /// Nothing queued for writing (answers held back in slots are not queued yet).
     pub fn is_empty(&self) -> bool {
         self.segs.is_empty()

@@ -32,6 +32,9 @@ pub enum Action {
     Reset(Role, Role),
     /// The origin answers ORIGIN_ERROR to everything while failing.
     OriginFailing(bool),
+    /// The node answers one line in this many with an id it was not asked on that
+    /// connection (0: it stops).
+    Lie(Role, usize),
 }
 
 /// Everything a run is made of.
@@ -53,7 +56,7 @@ pub struct Plan {
     pub expect_no_retries: bool,
 }
 
-pub const NAMES: [&str; 6] = ["kill-proxy", "partition", "slow-origin", "herd", "flapping", "mixed"];
+pub const NAMES: [&str; 7] = ["kill-proxy", "partition", "slow-origin", "herd", "flapping", "lying-proxy", "mixed"];
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -148,12 +151,21 @@ pub fn plan(name: &str, seed: u64) -> Option<Plan> {
                 at += between(r, 100, 1000);
             }
         }
+        "lying-proxy" => {
+            // One proxy now and then answers with an id it was not asked on that connection:
+            // such an answer is dropped, and its GET retried after its time-out.
+            let victim = proxy(r, &plan);
+            let at = between(r, 100, 1000);
+            add(&mut plan, at, Action::Lie(victim, 5 + r.below(20)));
+            add(&mut plan, at + between(r, 1000, 4000), Action::Lie(victim, 0));
+        }
         "mixed" => {
             for _ in 0..2 + r.below(4) {
                 let at = between(r, 100, 3000);
                 let len = between(r, 100, 2000);
                 let victim = proxy(r, &plan);
-                let (start, end) = match r.below(5) {
+                let (start, end) = match r.below(6) {
+                    5 => (Action::Lie(victim, 10), Action::Lie(victim, 0)),
                     0 => (Action::Crash(victim), Action::Restart(victim)),
                     1 => (Action::Stop(victim), Action::Resume(victim)),
                     2 => (Action::Partition(victim, Role::Balancer), Action::Heal(victim, Role::Balancer)),

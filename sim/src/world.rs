@@ -192,6 +192,9 @@ impl World {
         let server = server_config(BALANCER_PORT);
         nodes.push(Box::new(Node::start(balancer, "balancer", addr(BALANCER_PORT), server, make, net.clone(), epoch)));
 
+        for proxy in 1..=plan.proxies {
+            net.borrow_mut().follow_ids(proxy);
+        }
         let host = nodes.len();
         let clients = Clients::new(host, addr(BALANCER_PORT), plan.clients.clone(), rng.next_u64());
         // SPEC 3.8: the output limit plus one answer. An answer relayed from the buffer it was
@@ -474,6 +477,14 @@ impl World {
                     "net",
                     format_args!("reset {} connections {} | {}", conns.len(), self.name(a), self.name(b)),
                 );
+            }
+            Action::Lie(role, every) => {
+                let node = self.node_of(role);
+                self.net.borrow_mut().set_liar(node, every);
+                match every {
+                    0 => trace::note(now, &self.name(node), format_args!("tells the truth again")),
+                    n => trace::note(now, &self.name(node), format_args!("LIES: one answer in {n} carries an id not asked")),
+                }
             }
             Action::OriginFailing(on) => {
                 let was = self.origin_failing > 0;

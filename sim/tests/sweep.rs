@@ -52,6 +52,11 @@ fn flapping() {
 }
 
 #[test]
+fn lying_proxy() {
+    sweep("lying-proxy");
+}
+
+#[test]
 fn mixed() {
     sweep("mixed");
 }

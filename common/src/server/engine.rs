@@ -193,9 +193,16 @@ impl<S: Service> Engine<S> {
         ]
     }
 
-    /// The most output any client connection holds now, as counted against its bound.
+    /// The most output memory any client connection holds now: measured from what is queued
+    /// and held back, not taken from the count the bound is enforced with.
     pub fn max_client_output(&self) -> usize {
-        self.ctx.clients.iter().map(|(_, c)| c.out.counted()).max().unwrap_or(0)
+        fn parked(c: &Client) -> impl Iterator<Item = &crate::outbuf::Parked> {
+            c.slots.iter().filter_map(|s| match s {
+                Slot::Ready(p) => Some(p),
+                Slot::Waiting => None,
+            })
+        }
+        self.ctx.clients.iter().map(|(_, c)| c.out.held(parked(c))).max().unwrap_or(0)
     }
 
     /// Decides on a new client connection from `peer`.
