@@ -901,7 +901,10 @@ mod tests {
 
         let (a, b) = connected_pair(&mut net);
         net.partition(0, 1);
-        net.write(a, b"held\n").expect("room");
+        let mut rest = &b"held\n"[..];
+        while !rest.is_empty() {
+            rest = &rest[net.write(a, rest).expect("room")..];
+        }
         let later = net.now() + Duration::from_secs(2);
         net.advance(later);
         assert!(read_all(&mut net, b).is_empty(), "nothing crosses a partition");
@@ -914,7 +917,10 @@ mod tests {
     fn a_close_arrives_after_the_data_and_a_crash_resets_the_other_side() {
         let mut net = Net::new(5, NetConfig::default());
         let (a, b) = connected_pair(&mut net);
-        net.write(a, b"last words").expect("room");
+        let mut rest = &b"last words"[..];
+        while !rest.is_empty() {
+            rest = &rest[net.write(a, rest).expect("room")..];
+        }
         net.close(a);
         settle(&mut net);
         assert_eq!(read_all(&mut net, b), b"last words");

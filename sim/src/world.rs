@@ -195,6 +195,25 @@ impl World {
         for proxy in 1..=plan.proxies {
             net.borrow_mut().follow_ids(proxy);
         }
+        trace::note(
+            Duration::ZERO,
+            "sim",
+            format_args!(
+                "{} proxies (TTL {:.3}s{}), origin latency {} ms, {} clients x {} GETs over {} keys (pipelines up to {}){}",
+                plan.proxies,
+                plan.ttl.as_secs_f64(),
+                if plan.stale_if_error.is_zero() { String::new() } else { ", stale-if-error 2s".into() },
+                plan.origin_latency.as_millis(),
+                plan.clients.connections,
+                plan.clients.requests,
+                plan.clients.keys,
+                plan.clients.max_pipeline,
+                match plan.clients.slow_readers {
+                    0 => String::new(),
+                    n => format!(", {n} of them slow readers"),
+                }
+            ),
+        );
         let host = nodes.len();
         let clients = Clients::new(host, addr(BALANCER_PORT), plan.clients.clone(), rng.next_u64());
         // SPEC 3.8: the output limit plus one answer. An answer relayed from the buffer it was

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 /// Seeds each scenario sweeps in CI (about a minute in all on two cores).
-const CI_SEEDS: u64 = 100;
+const CI_SEEDS: u64 = 200;
 
 fn seeds() -> u64 {
     std::env::var("SIM_SEEDS").ok().and_then(|n| n.parse().ok()).unwrap_or(CI_SEEDS)
