@@ -290,11 +290,11 @@ fn check_answer(c: &mut Client, table: &Table, line: &[u8], now: Duration, heard
             heard.violations.push(("own-key", format!("GET {} answered with the value of {key:?}", sent.key)));
         }
         if let Some(v) = data.and_then(|d| d.get("v")).and_then(Value::as_u64) {
-            match table.ended(&sent.key, v as usize) {
-                Err(()) => heard
+            match table.ended(&sent.key, usize::try_from(v).unwrap_or(usize::MAX)) {
+                None => heard
                     .violations
                     .push(("origin-value", format!("GET {} answered version {v}, never held", sent.key))),
-                Ok(ended) => heard.answers_versions(&sent, v, ended, stale),
+                Some(ended) => heard.answers_versions(&sent, v, ended, stale),
             }
         }
     }

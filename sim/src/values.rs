@@ -36,14 +36,11 @@ impl Table {
         self.history.get(key).map(|v| v.len() - 1)
     }
 
-    /// Until when version `v` of `key` was current (`None`: it still is; `Err`: no such
-    /// version was ever served).
-    pub fn ended(&self, key: &str, v: usize) -> Result<Option<Duration>, ()> {
-        let versions = self.history.get(key).ok_or(())?;
-        if v >= versions.len() {
-            return Err(());
-        }
-        Ok(versions.get(v + 1).copied())
+    /// Until when version `v` of `key` was current: `Some(None)` while it still is, `None`
+    /// when the origin never held such a version.
+    pub fn ended(&self, key: &str, v: usize) -> Option<Option<Duration>> {
+        let versions = self.history.get(key)?;
+        (v < versions.len()).then(|| versions.get(v + 1).copied())
     }
 }
 

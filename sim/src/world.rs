@@ -502,7 +502,11 @@ impl World {
                 self.net.borrow_mut().set_liar(node, every);
                 match every {
                     0 => trace::note(now, &self.name(node), format_args!("tells the truth again")),
-                    n => trace::note(now, &self.name(node), format_args!("LIES: one answer in {n} carries an id not asked")),
+                    n => trace::note(
+                        now,
+                        &self.name(node),
+                        format_args!("LIES: one answer in {n} carries an id not asked"),
+                    ),
                 }
             }
             Action::OriginFailing(on) => {

@@ -2,6 +2,8 @@
 //! they run side by side), the seeds that once found a bug, and the promise that a seed gives
 //! the same run byte for byte. `SIM_SEEDS=N` changes how many seeds each scenario sweeps.
 
+#![allow(clippy::expect_used)]
+
 use std::time::Instant;
 
 /// Seeds each scenario sweeps in CI (about a minute in all on two cores).
