@@ -226,27 +226,25 @@ impl Clients {
             return;
         }
         let key = key_name(self.zipf.sample(&mut self.rng));
-        let line = match self.rng.below(3) {
-            0 => {
-                self.next_id += 1;
-                let id = format!("{}", self.next_id);
-                let line = format!("{{\"op\":\"get\",\"key\":\"{key}\",\"id\":{id}}}\n");
-                c.by_id.insert(id.clone(), Sent { key, id: Some(id), at: now });
-                line
-            }
-            1 => {
-                self.next_id += 1;
-                let id = format!("\"c{}\"", self.next_id);
-                let line = format!("{{\"op\":\"get\",\"key\":\"{key}\",\"id\":{id}}}\n");
-                c.by_id.insert(id.clone(), Sent { key, id: Some(id), at: now });
-                line
-            }
-            _ => {
-                let line = format!("GET {key}\n");
-                c.ordered.push_back(Sent { key, id: None, at: now });
-                line
-            }
+        // A third with a numeric id, a third with a string id (returned as the same JSON
+        // value), a third in the text form without one.
+        let kind = self.rng.below(3);
+        self.next_id += 1;
+        let id = match kind {
+            0 => Some(format!("{}", self.next_id)),
+            1 => Some(format!("\"c{}\"", self.next_id)),
+            _ => None,
         };
+        let line = match &id {
+            Some(id) => format!("{{\"op\":\"get\",\"key\":\"{key}\",\"id\":{id}}}\n"),
+            None => format!("GET {key}\n"),
+        };
+        match id {
+            Some(id) => {
+                c.by_id.insert(id.clone(), Sent { key, id: Some(id), at: now });
+            }
+            None => c.ordered.push_back(Sent { key, id: None, at: now }),
+        }
         // A client's requests are small: the window always takes them whole (a partial
         // write is finished at once, as a blocking client would).
         let mut rest = line.as_bytes();
