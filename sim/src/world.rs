@@ -216,11 +216,14 @@ impl World {
         );
         let host = nodes.len();
         let clients = Clients::new(host, addr(BALANCER_PORT), plan.clients.clone(), rng.next_u64());
-        // SPEC 3.8: the output limit plus one answer. An answer relayed from the buffer it was
-        // read into keeps that buffer alive and counts all of it (at least two reads' worth,
-        // 128 KiB, or twice the line), so "one answer" is that buffer here.
+        // SPEC 3.8, as common::window bounds it: what is queued stays within the output limit,
+        // the answers forwarded and not yet back fit in the output limit too (the forwarding
+        // window), plus one answer. An answer relayed from the buffer it was read into keeps
+        // that buffer alive and counts all of it (two reads' worth, 128 KiB, or twice the
+        // line), so "one answer" is that buffer here.
         let answer = plan.value_pad + 1024;
-        let output_bound = ServerConfig::default().output_limit + (128 * 1024).max(2 * answer) + answer;
+        let limit = ServerConfig::default().output_limit;
+        let output_bound = 2 * limit + (128 * 1024).max(2 * answer) + answer;
         World {
             epoch,
             now: Duration::ZERO,
