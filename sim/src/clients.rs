@@ -97,7 +97,9 @@ impl Clients {
                 pipeline: if n < config.connections {
                     1 + rng.below(config.max_pipeline.max(1))
                 } else {
-                    1 + rng.below(config.slow_pipeline.max(1))
+                    // Deep: a slow reader's answers pile up behind one that is late.
+                    let half = (config.slow_pipeline / 2).max(1);
+                    half + rng.below(half)
                 },
                 slow: n >= config.connections,
                 paused_until: None,

@@ -583,12 +583,13 @@ impl Net {
         for line in whole.split_inclusive(|b| *b == b'\n') {
             let lie = self.rng.below(every) == 0;
             let forged = numeric_id(line).and_then(|(id, from, to)| {
-                if let Some(ids) = self.ids.get_mut(&end.conn) {
-                    ids.waiting.remove(&id);
-                }
                 if !lie {
+                    if let Some(ids) = self.ids.get_mut(&end.conn) {
+                        ids.waiting.remove(&id);
+                    }
                     return None;
                 }
+                // The true id stays waiting: its answer never arrives (it times out).
                 let forged_id = self.foreign_id(end.conn).unwrap_or(id.wrapping_add(1_000_000));
                 let mut forged = line[..from].to_vec();
                 forged.extend_from_slice(forged_id.to_string().as_bytes());
@@ -600,9 +601,11 @@ impl Net {
         out
     }
 
-    /// An id waiting for its answer on another connection from the same node that `conn`
-    /// has never asked and never will (it is below what `conn` asked last, and a
-    /// connection's ids only grow): an answer for another connection's request.
+    /// An id waiting for its answer on another connection from the same node, that `conn`
+    /// is not waiting for and never will be: below what `conn` asked last (a connection's
+    /// ids only grow), and either never asked on `conn` or answered there already. To a
+    /// correct peer that is an unknown or late id; a wrong one delivers it to another
+    /// connection's request.
     fn foreign_id(&self, conn: usize) -> Option<u64> {
         let here = self.ids.get(&conn)?;
         let newest = *here.asked.last()?;
@@ -610,7 +613,7 @@ impl Net {
             .iter()
             .filter(|(c, ids)| **c != conn && ids.from == here.from)
             .flat_map(|(_, ids)| ids.waiting.iter())
-            .find(|id| **id < newest && !here.asked.contains(id))
+            .find(|id| **id < newest && !here.waiting.contains(id))
             .copied()
     }
 

@@ -83,7 +83,7 @@ fn base(rng: &mut SplitMix64) -> Plan {
             think: between(rng, 1, 30),
             slow_readers: 0,
             slow_pause: ms(2000),
-            slow_pipeline: 64,
+            slow_pipeline: 256,
         },
         net: NetConfig::default(),
         actions: Vec::new(),
