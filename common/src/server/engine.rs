@@ -586,31 +586,36 @@ impl<S: Service> Engine<S> {
         let Some(p) = self.ctx.live_peer_mut(id) else { return };
         let Some(mut input) = p.input.take() else { return };
         let max_line = p.max_line;
-        let read = match sockets.peer(index) {
-            Some(stream) => input.fill(stream, max_line),
-            None => Err(io::ErrorKind::NotConnected.into()),
-        };
-        p.received = input.received();
-        let end = loop {
-            match input.frame(max_line) {
-                Frame::Line(line, n) => {
-                    if let Some(p) = self.ctx.live_peer_mut(id) {
-                        p.unread = input.buffered().saturating_sub(n);
+        let end = 'read: loop {
+            let read = match sockets.peer(index) {
+                Some(stream) => input.fill(stream, max_line),
+                None => Err(io::ErrorKind::NotConnected.into()),
+            };
+            if let Some(p) = self.ctx.live_peer_mut(id) {
+                p.received = input.received();
+            }
+            loop {
+                match input.frame(max_line) {
+                    Frame::Line(line, n) => {
+                        if let Some(p) = self.ctx.live_peer_mut(id) {
+                            p.unread = input.buffered().saturating_sub(n);
+                        }
+                        self.service.on_peer_line(&mut self.ctx, id, input.line(line));
+                        input.consume(n);
+                        if !self.ctx.is_peer_open(id) {
+                            // Closed by the service: what else it sent is dropped with it.
+                            return;
+                        }
                     }
-                    self.service.on_peer_line(&mut self.ctx, id, input.line(line));
-                    input.consume(n);
-                    if !self.ctx.is_peer_open(id) {
-                        // Closed by the service: what else it sent is dropped with it.
-                        return;
-                    }
-                }
-                Frame::TooLong => break Some(PeerEnd::LineTooLong),
-                Frame::Incomplete => {
-                    break match read {
-                        Err(e) => Some(PeerEnd::Failed(e)),
-                        Ok(()) if input.is_eof() => Some(PeerEnd::Closed),
-                        Ok(()) => None,
-                    }
+                    Frame::TooLong => break 'read Some(PeerEnd::LineTooLong),
+                    Frame::Incomplete => match read {
+                        Err(e) => break 'read Some(PeerEnd::Failed(e)),
+                        Ok(()) if input.is_eof() => break 'read Some(PeerEnd::Closed),
+                        // Reading stopped at `max_line` bytes of complete lines, now used: the
+                        // socket still holds the rest, and no new event would say so.
+                        Ok(()) if input.stopped_short() => continue 'read,
+                        Ok(()) => break 'read None,
+                    },
                 }
             }
         };
