@@ -26,6 +26,8 @@ struct Toy {
     target: SocketAddr,
     max_line: usize,
     close_after: Option<usize>,
+    /// Bytes queued for the peer once connected.
+    send_on_connect: usize,
     seen: Arc<Mutex<Seen>>,
 }
 
@@ -42,7 +44,10 @@ impl Service for Toy {
 
     fn on_timer(&mut self, _ctx: &mut Ctx<()>, _timer: ()) {}
 
-    fn on_peer_connected(&mut self, _ctx: &mut Ctx<()>, _peer: PeerId) {
+    fn on_peer_connected(&mut self, ctx: &mut Ctx<()>, peer: PeerId) {
+        if let Some(out) = ctx.peer_output(peer) {
+            out.resize(out.len() + self.send_on_connect, b'r');
+        }
         self.seen.lock().unwrap().connected += 1;
     }
 
@@ -66,11 +71,21 @@ impl Service for Toy {
 }
 
 fn start(target: SocketAddr, max_line: usize, close_after: Option<usize>) -> (RunningServer, Arc<Mutex<Seen>>) {
+    start_sending(target, max_line, close_after, 0)
+}
+
+fn start_sending(
+    target: SocketAddr,
+    max_line: usize,
+    close_after: Option<usize>,
+    send_on_connect: usize,
+) -> (RunningServer, Arc<Mutex<Seen>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let shared = seen.clone();
-    let server =
-        Server::bind(ServerConfig::default(), move |_| Ok(Toy { target, max_line, close_after, seen: shared }))
-            .unwrap();
+    let server = Server::bind(ServerConfig::default(), move |_| {
+        Ok(Toy { target, max_line, close_after, send_on_connect, seen: shared })
+    })
+    .unwrap();
     (RunningServer::start(server), seen)
 }
 
@@ -179,4 +194,28 @@ fn lines_before_a_reset_are_delivered_then_the_end() {
     assert!(s.lines.iter().enumerate().all(|(i, l)| *l == format!("{i:010}").into_bytes()));
     drop(s);
     drop(server);
+}
+
+/// A peer that answers and then resets (it closes with requests unread) while the service
+/// still has output for it that the socket would not take: the answers it sent before the
+/// reset are delivered, then the end — the failed write does not hide them.
+#[test]
+fn answers_before_a_reset_are_delivered_though_output_was_pending() {
+    for round in 0..10 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (server, seen) = start_sending(listener.local_addr().unwrap(), 1024, None, 64 << 20);
+        let (mut origin, _) = listener.accept().unwrap();
+        assert!(wait_until(Duration::from_secs(5), || seen.lock().unwrap().connected == 1));
+        // Some of what the service sends, so that its output is surely pending.
+        let mut some = vec![0; 1 << 20];
+        origin.read_exact(&mut some).unwrap();
+        origin.write_all(&lines(3, 10)).unwrap();
+        // Closing with bytes unread resets the connection.
+        drop(origin);
+        assert!(wait_until(Duration::from_secs(5), || !seen.lock().unwrap().closed.is_empty()));
+        let s = seen.lock().unwrap();
+        assert_eq!(s.lines.len(), 3, "round {round}: lines {:?}, closed {:?}", s.lines.len(), s.closed);
+        drop(s);
+        drop(server);
+    }
 }

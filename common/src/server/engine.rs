@@ -580,9 +580,9 @@ impl<S: Service> Engine<S> {
                 Err(e) => return self.end_peer(sockets, id, PeerEnd::ConnectFailed(e)),
             }
         }
-        if let Err(e) = self.write_peer(sockets, id) {
-            return self.end_peer(sockets, id, PeerEnd::Failed(e));
-        }
+        // A failed write ends the connection, but only after what the peer sent before it
+        // went (answers, then a reset for the requests it left unread) is handed over.
+        let write_failed = self.write_peer(sockets, id).err();
         let Some(p) = self.ctx.live_peer_mut(id) else { return };
         let Some(mut input) = p.input.take() else { return };
         let max_line = p.max_line;
@@ -623,7 +623,7 @@ impl<S: Service> Engine<S> {
             p.unread = input.buffered();
             p.input = Some(input);
         }
-        if let Some(end) = end {
+        if let Some(end) = end.or(write_failed.map(PeerEnd::Failed)) {
             self.end_peer(sockets, id, end);
         }
     }
