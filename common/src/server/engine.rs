@@ -583,6 +583,13 @@ impl<S: Service> Engine<S> {
         // A failed write ends the connection, but only after what the peer sent before it
         // went (answers, then a reset for the requests it left unread) is handed over.
         let write_failed = self.write_peer(sockets, id).err();
+        self.read_peer(sockets, id, write_failed);
+    }
+
+    /// Reads what `id` sent and hands the service each complete line, then how the
+    /// connection ended, if it did (`write_failed`: a write to it failed just before).
+    fn read_peer<K: Sockets>(&mut self, sockets: &mut K, id: PeerId, write_failed: Option<io::Error>) {
+        let index = id.index;
         let Some(p) = self.ctx.live_peer_mut(id) else { return };
         let Some(mut input) = p.input.take() else { return };
         let max_line = p.max_line;
@@ -649,7 +656,8 @@ impl<S: Service> Engine<S> {
                 let Some(p) = self.ctx.live_peer_mut(peer) else { continue };
                 p.dirty = false;
                 if let Err(e) = self.write_peer(sockets, peer) {
-                    self.end_peer(sockets, peer, PeerEnd::Failed(e));
+                    // What it sent before the failure (its answers, then a reset) first.
+                    self.read_peer(sockets, peer, Some(e));
                 }
             }
             self.peers_batch = batch;
