@@ -137,6 +137,8 @@ pub struct PeerInput {
     /// once, not again from its start after every read.
     scanned: Cell<usize>,
     eof: bool,
+    /// The last [`PeerInput::fill`] stopped for `max_line` before the socket was empty.
+    stopped_short: bool,
     /// Bytes received over the connection's life.
     received: u64,
 }
@@ -158,22 +160,38 @@ impl PeerInput {
     /// Reads everything `reader` has (stopping early once more than `max_line` bytes are
     /// buffered without a complete line, which [`PeerInput::frame`] then reports as too long).
     /// An error means the connection is unusable (reset, ...).
+    /// When it stops that way, [`PeerInput::stopped_short`] says so: once the complete lines
+    /// are consumed, fill again (readiness is edge-triggered: no event comes for what the
+    /// socket still holds).
     pub fn fill<R: Read>(&mut self, reader: &mut R, max_line: usize) -> io::Result<()> {
-        while !self.eof && self.end - self.start <= max_line {
+        self.stopped_short = false;
+        loop {
+            if self.eof {
+                return Ok(());
+            }
+            if self.end - self.start > max_line {
+                self.stopped_short = true;
+                return Ok(());
+            }
             self.make_room();
             // Unique: `make_room` swaps a shared buffer out.
-            let Some(input) = Arc::get_mut(&mut self.input) else { break };
+            let Some(input) = Arc::get_mut(&mut self.input) else { return Ok(()) };
             match read_once(reader, input.get_mut(self.end..).unwrap_or_default()) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.end += n;
                     self.received = self.received.saturating_add(n as u64);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+    }
+
+    /// Whether the last [`PeerInput::fill`] left bytes in the socket because `max_line` bytes
+    /// were buffered already.
+    pub fn stopped_short(&self) -> bool {
+        self.stopped_short
     }
 
     /// The next complete line in the input, if any. Call [`PeerInput::consume`] with the

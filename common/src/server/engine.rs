@@ -580,37 +580,49 @@ impl<S: Service> Engine<S> {
                 Err(e) => return self.end_peer(sockets, id, PeerEnd::ConnectFailed(e)),
             }
         }
-        if let Err(e) = self.write_peer(sockets, id) {
-            return self.end_peer(sockets, id, PeerEnd::Failed(e));
-        }
+        // A failed write ends the connection, but only after what the peer sent before it
+        // went (answers, then a reset for the requests it left unread) is handed over.
+        let write_failed = self.write_peer(sockets, id).err();
+        self.read_peer(sockets, id, write_failed);
+    }
+
+    /// Reads what `id` sent and hands the service each complete line, then how the
+    /// connection ended, if it did (`write_failed`: a write to it failed just before).
+    fn read_peer<K: Sockets>(&mut self, sockets: &mut K, id: PeerId, write_failed: Option<io::Error>) {
+        let index = id.index;
         let Some(p) = self.ctx.live_peer_mut(id) else { return };
         let Some(mut input) = p.input.take() else { return };
         let max_line = p.max_line;
-        let read = match sockets.peer(index) {
-            Some(stream) => input.fill(stream, max_line),
-            None => Err(io::ErrorKind::NotConnected.into()),
-        };
-        p.received = input.received();
-        let end = loop {
-            match input.frame(max_line) {
-                Frame::Line(line, n) => {
-                    if let Some(p) = self.ctx.live_peer_mut(id) {
-                        p.unread = input.buffered().saturating_sub(n);
+        let end = 'read: loop {
+            let read = match sockets.peer(index) {
+                Some(stream) => input.fill(stream, max_line),
+                None => Err(io::ErrorKind::NotConnected.into()),
+            };
+            if let Some(p) = self.ctx.live_peer_mut(id) {
+                p.received = input.received();
+            }
+            loop {
+                match input.frame(max_line) {
+                    Frame::Line(line, n) => {
+                        if let Some(p) = self.ctx.live_peer_mut(id) {
+                            p.unread = input.buffered().saturating_sub(n);
+                        }
+                        self.service.on_peer_line(&mut self.ctx, id, input.line(line));
+                        input.consume(n);
+                        if !self.ctx.is_peer_open(id) {
+                            // Closed by the service: what else it sent is dropped with it.
+                            return;
+                        }
                     }
-                    self.service.on_peer_line(&mut self.ctx, id, input.line(line));
-                    input.consume(n);
-                    if !self.ctx.is_peer_open(id) {
-                        // Closed by the service: what else it sent is dropped with it.
-                        return;
-                    }
-                }
-                Frame::TooLong => break Some(PeerEnd::LineTooLong),
-                Frame::Incomplete => {
-                    break match read {
-                        Err(e) => Some(PeerEnd::Failed(e)),
-                        Ok(()) if input.is_eof() => Some(PeerEnd::Closed),
-                        Ok(()) => None,
-                    }
+                    Frame::TooLong => break 'read Some(PeerEnd::LineTooLong),
+                    Frame::Incomplete => match read {
+                        Err(e) => break 'read Some(PeerEnd::Failed(e)),
+                        Ok(()) if input.is_eof() => break 'read Some(PeerEnd::Closed),
+                        // Reading stopped at `max_line` bytes of complete lines, now used: the
+                        // socket still holds the rest, and no new event would say so.
+                        Ok(()) if input.stopped_short() => continue 'read,
+                        Ok(()) => break 'read None,
+                    },
                 }
             }
         };
@@ -618,7 +630,7 @@ impl<S: Service> Engine<S> {
             p.unread = input.buffered();
             p.input = Some(input);
         }
-        if let Some(end) = end {
+        if let Some(end) = end.or(write_failed.map(PeerEnd::Failed)) {
             self.end_peer(sockets, id, end);
         }
     }
@@ -644,7 +656,8 @@ impl<S: Service> Engine<S> {
                 let Some(p) = self.ctx.live_peer_mut(peer) else { continue };
                 p.dirty = false;
                 if let Err(e) = self.write_peer(sockets, peer) {
-                    self.end_peer(sockets, peer, PeerEnd::Failed(e));
+                    // What it sent before the failure (its answers, then a reset) first.
+                    self.read_peer(sockets, peer, Some(e));
                 }
             }
             self.peers_batch = batch;
