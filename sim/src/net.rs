@@ -144,8 +144,6 @@ pub struct NetConfig {
     pub partial_write: f64,
     /// Chance that a segment is cut in two at a random point.
     pub split: f64,
-    /// Chance that a read returns fewer bytes than are there.
-    pub partial_read: f64,
     /// Chance that a segment takes `spike` instead (a long tail: a retransmit, a busy host).
     pub spike_chance: f64,
     pub spike: Duration,
@@ -159,7 +157,6 @@ impl Default for NetConfig {
             window: 256 * 1024,
             partial_write: 0.2,
             split: 0.3,
-            partial_read: 0.2,
             spike_chance: 0.002,
             spike: Duration::from_millis(30),
         }
@@ -432,25 +429,19 @@ impl Net {
     }
 
     pub fn read(&mut self, end: EndId, buf: &mut [u8]) -> io::Result<usize> {
-        let partial = self.chance(self.config.partial_read);
-        let cut = self.rng.next_u64();
         let Some(e) = self.end_mut(end) else { return Err(io::ErrorKind::NotConnected.into()) };
-        if e.reset {
-            return Err(io::ErrorKind::ConnectionReset.into());
-        }
+        // As a kernel does: what arrived before a reset is read first, then the error; a read
+        // returns short only when nothing more is there, and readiness is edge-triggered (a
+        // reader that stops before `WouldBlock` hears nothing more until new bytes come).
         if e.inbox.is_empty() {
-            return if e.fin { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
+            return match (e.reset, e.fin) {
+                (true, _) => Err(io::ErrorKind::ConnectionReset.into()),
+                (false, true) => Ok(0),
+                (false, false) => Err(io::ErrorKind::WouldBlock.into()),
+            };
         }
-        let mut n = buf.len().min(e.inbox.len());
-        if partial && n > 1 {
-            n = 1 + (cut % n as u64) as usize;
-        }
+        let n = buf.len().min(e.inbox.len());
         e.inbox.take(&mut buf[..n]);
-        if !e.inbox.is_empty() {
-            // A short read with bytes left: the reader hears of them again (a kernel returns
-            // short only when the socket is empty, and readers rely on that).
-            self.notify(end);
-        }
         if let (Some(info), Some(observer)) = (self.info(end), self.observer.as_mut()) {
             observer.read(info, &buf[..n]);
         }
@@ -561,7 +552,6 @@ impl Net {
         for side in [end, end.other()] {
             if let Some(e) = self.end_mut(side) {
                 e.reset = true;
-                e.inbox.clear();
             }
             self.notify(side);
         }
@@ -706,7 +696,6 @@ impl Net {
             Event::Rst(to) => {
                 if let Some(e) = self.end_mut(to) {
                     e.reset = true;
-                    e.inbox.clear();
                 }
                 self.notify(to);
             }
@@ -756,8 +745,7 @@ mod tests {
 
     #[test]
     fn bytes_arrive_in_order_however_they_are_cut() {
-        let mut net =
-            Net::new(7, NetConfig { split: 0.9, partial_write: 0.9, partial_read: 0.9, ..NetConfig::default() });
+        let mut net = Net::new(7, NetConfig { split: 0.9, partial_write: 0.9, ..NetConfig::default() });
         let (a, b) = connected_pair(&mut net);
         let message: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         let mut rest = &message[..];

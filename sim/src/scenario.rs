@@ -54,6 +54,9 @@ pub struct Plan {
     pub faults_until: Duration,
     /// The balancer's retries must stay 0 (slow is not dead, SPEC 3.6).
     pub expect_no_retries: bool,
+    /// The balancer's request collapsing (off: concurrent GETs of a key reach its proxy, whose
+    /// coalescing then has work).
+    pub collapse: bool,
 }
 
 pub const NAMES: [&str; 7] = ["kill-proxy", "partition", "slow-origin", "herd", "flapping", "lying-proxy", "mixed"];
@@ -89,6 +92,7 @@ fn base(rng: &mut SplitMix64) -> Plan {
         actions: Vec::new(),
         faults_until: Duration::ZERO,
         expect_no_retries: false,
+        collapse: rng.below(4) != 0,
     }
 }
 
@@ -133,6 +137,7 @@ pub fn plan(name: &str, seed: u64) -> Option<Plan> {
             // Many connections on a few hot keys, values changing fast, short TTLs.
             plan.clients.connections = 10 + r.below(20);
             plan.clients.requests = 30 + r.below(50);
+            plan.collapse = r.below(2) == 0;
             plan.clients.keys = 1 + r.below(4);
             plan.clients.max_pipeline = 4;
             plan.ttl = between(r, 50, 400);

@@ -119,6 +119,11 @@ pub struct World {
     output_bound: usize,
     /// Failing spells of the origin under way (they may overlap).
     origin_failing: usize,
+    /// How much older than its TTL a fresh answer's value may be: the time between the
+    /// origin reading it and the proxy storing it. A few network latencies, unless the run
+    /// holds segments back (partitions) or stops processes, when it is the origin time-out
+    /// (a proxy drops an answer later than that).
+    staleness_slack: Duration,
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -187,6 +192,7 @@ impl World {
         config.retries = TIMING.retries;
         config.metrics_interval = Duration::from_millis(1000);
         config.resolve_interval = Duration::ZERO;
+        config.collapse = plan.collapse;
         let make = Box::new(move |_now| Balancer::new(config.clone()));
         let balancer = nodes.len();
         let server = server_config(BALANCER_PORT);
@@ -214,6 +220,12 @@ impl World {
                 }
             ),
         );
+        let holds = plan.actions.iter().any(|(_, a)| matches!(a, Action::Partition(..) | Action::Stop(_)));
+        let staleness_slack = if holds {
+            TIMING.origin_timeout + Duration::from_millis(50)
+        } else {
+            (plan.net.latency_max + plan.net.spike) * 4 + Duration::from_millis(5)
+        };
         let host = nodes.len();
         let clients = Clients::new(host, addr(BALANCER_PORT), plan.clients.clone(), rng.next_u64());
         // SPEC 3.8, as common::window bounds it: what is queued stays within the output limit,
@@ -247,6 +259,7 @@ impl World {
             outcome: Outcome::default(),
             output_bound,
             origin_failing: 0,
+            staleness_slack,
         }
     }
 
@@ -398,7 +411,7 @@ impl World {
         for (invariant, detail) in heard.violations {
             self.checker.fail(self.now, invariant, detail);
         }
-        let slack = TIMING.origin_timeout + Duration::from_millis(50);
+        let slack = self.staleness_slack;
         for seen in heard.versions {
             let Some(ended) = seen.ended else { continue };
             let allowed = self.plan.ttl + slack + if seen.stale { self.plan.stale_if_error } else { Duration::ZERO };
