@@ -409,9 +409,11 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
             let i = event.token().0;
             let Some(conn) = conns.get_mut(i) else { continue };
             let Some(up) = conn.up.as_mut() else { continue };
-            let failed = match up.on_ready(MAX_ANSWER) {
-                Err(_) => true,
-                Ok(_) => {
+            let failed = loop {
+                if up.on_ready(MAX_ANSWER).is_err() {
+                    break true;
+                }
+                {
                     loop {
                         let (answer, used) = match config.wire {
                             Wire::Line => match up.frame(MAX_ANSWER) {
@@ -433,7 +435,14 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
                         up.consume(used);
                         last_answer = now;
                     }
-                    up.is_eof() || matches!(up.frame(MAX_ANSWER), Frame::TooLong)
+                    if up.is_eof() || matches!(up.frame(MAX_ANSWER), Frame::TooLong) {
+                        break true;
+                    }
+                    // Reading stopped at MAX_ANSWER bytes of answers, all used now: the socket
+                    // holds more, and no new readiness event would say so.
+                    if !up.stopped_short() {
+                        break false;
+                    }
                 }
             };
             if failed {

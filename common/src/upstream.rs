@@ -114,6 +114,13 @@ impl Upstream {
         self.input.consume(n);
     }
 
+    /// The last [`Upstream::on_ready`] stopped reading at `max_line` buffered bytes with the
+    /// socket not empty: once the complete lines are consumed, call it again (readiness is
+    /// edge-triggered, no event comes for what the socket still holds).
+    pub fn stopped_short(&self) -> bool {
+        self.input.stopped_short()
+    }
+
     /// Bytes received but not yet consumed.
     pub fn buffered(&self) -> usize {
         self.input.buffered()
@@ -186,6 +193,38 @@ mod tests {
         let settled = capacities[4];
         assert!(capacities[4..].iter().all(|c| *c == settled), "{capacities:?}");
         assert!(settled <= RETAINED_INPUT, "{settled}");
+    }
+
+    #[test]
+    fn reading_stopped_at_max_line_says_so_and_the_rest_comes_on_the_next_call() {
+        let (mut poll, mut up, mut peer) = pair();
+        // 100 KB of short lines: more than one read takes, far more than max_line.
+        let max_line = 1000;
+        let lines: Vec<u8> = (0..1000).flat_map(|_| answer(99, b'a')).collect();
+        peer.write_all(&lines).unwrap();
+        let mut events = mio::Events::with_capacity(8);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while up.buffered() <= max_line {
+            up.on_ready(max_line).unwrap();
+            assert!(Instant::now() < deadline, "nothing read");
+            if up.buffered() <= max_line {
+                poll.poll(&mut events, Some(Duration::from_millis(50))).unwrap();
+            }
+        }
+        // No more readiness is waited for: what the socket still holds comes because
+        // `stopped_short` says to read again.
+        let mut got = 0;
+        loop {
+            while let Frame::Line(_, n) = up.frame(max_line) {
+                up.consume(n);
+                got += 1;
+            }
+            if !up.stopped_short() {
+                break;
+            }
+            up.on_ready(max_line).unwrap();
+        }
+        assert_eq!(got, 1000, "every line, without another readiness event");
     }
 
     #[test]
