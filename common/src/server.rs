@@ -42,7 +42,7 @@ mod engine;
 mod mio_driver;
 
 pub use bind::{bind_listener, bind_listener_with, ShutdownHandle};
-pub use engine::{Admission, Due, Engine, Sockets};
+pub use engine::{Admission, Due, Engine, Slots, Sockets};
 pub use mio_driver::Server;
 
 /// Request lines one connection gets handled per loop turn before others get their turn: a
@@ -707,11 +707,6 @@ impl<T> Ctx<T> {
     /// not yet a complete line).
     pub fn peer_unread(&self, peer: PeerId) -> usize {
         self.live_peer(peer).map_or(0, |p| p.unread)
-    }
-
-    /// Peer connections open now (connecting or established).
-    pub fn open_peers(&self) -> usize {
-        self.peers.len()
     }
 
     fn live_peer(&self, peer: PeerId) -> Option<&Peer> {

@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::net::{EndId, EndInfo, NodeId, Observer};
+use crate::net::{whole_lines, EndId, EndInfo, NodeId, Observer};
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Violation {
@@ -63,13 +63,10 @@ impl Observer for OriginFetches {
             return;
         }
         let entry = self.ends.entry(end.end).or_insert_with(|| (end.owner, Vec::new(), VecDeque::new()));
-        entry.1.extend_from_slice(bytes);
         let mut asked = Vec::new();
-        while let Some(at) = entry.1.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = entry.1.drain(..=at).collect();
-            let text = String::from_utf8_lossy(&line);
-            if let Some(key) = text.trim_end().strip_prefix("GET ") {
-                asked.push(key.to_string());
+        for line in whole_lines(&mut entry.1, bytes).split(|b| *b == b'\n') {
+            if let Some(key) = line.strip_prefix(b"GET ") {
+                asked.push(String::from_utf8_lossy(key).trim_end().to_string());
             }
         }
         for key in asked {

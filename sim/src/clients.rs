@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::random::{SplitMix64, Zipf};
 use serde_json::Value;
 
-use crate::net::{EndId, Net, NodeId, Tag};
+use crate::net::{whole_lines, EndId, Net, NodeId, Tag};
 use crate::values::{key_name, Table};
 
 #[derive(Clone, Debug)]
@@ -170,13 +170,14 @@ impl Clients {
         }
         let mut buf = [0u8; 16 * 1024];
         let mut closed = false;
+        let mut lines = Vec::new();
         loop {
             match net.read(end, &mut buf) {
                 Ok(0) => {
                     closed = true;
                     break;
                 }
-                Ok(k) => c.input.extend_from_slice(&buf[..k]),
+                Ok(k) => lines.extend(whole_lines(&mut c.input, &buf[..k])),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => {
                     closed = true;
@@ -184,9 +185,8 @@ impl Clients {
                 }
             }
         }
-        while let Some(at) = c.input.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = c.input.drain(..=at).collect();
-            check_answer(c, table, &line[..line.len() - 1], now, heard);
+        for line in lines.split_inclusive(|b| *b == b'\n') {
+            check_answer(c, table, line.strip_suffix(b"\n").unwrap_or(line), now, heard);
         }
         if closed {
             let owed = c.ordered.len() + c.by_id.len();

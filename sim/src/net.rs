@@ -16,6 +16,16 @@ use common::random::SplitMix64;
 mod liar;
 use liar::{Ids, Liar};
 
+/// Appends `bytes` to `pending` and takes out the complete lines (through the last `\n`),
+/// leaving an unfinished one: for the watchers of the wire, who see writes cut anywhere.
+pub fn whole_lines(pending: &mut Vec<u8>, bytes: &[u8]) -> Vec<u8> {
+    pending.extend_from_slice(bytes);
+    match pending.iter().rposition(|b| *b == b'\n') {
+        Some(last) => pending.drain(..=last).collect(),
+        None => Vec::new(),
+    }
+}
+
 /// A node of the simulated cluster (a service, or the host of the simulated clients).
 pub type NodeId = usize;
 
@@ -166,12 +176,6 @@ impl Default for NetConfig {
 /// How long a held-back segment waits before it is tried again (a retransmit).
 const RETRANSMIT: Duration = Duration::from_millis(50);
 
-/// What the network did that a person reading the trace may want to know.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NetNote {
-    Refused { from: NodeId, to: SocketAddr },
-}
-
 /// What went over a connection, for the invariant checks: `end` wrote `bytes` (or read them).
 pub trait Observer {
     fn wrote(&mut self, _end: EndInfo, _bytes: &[u8]) {}
@@ -207,7 +211,6 @@ pub struct Net {
     /// (node, tag) pairs that became ready, in order.
     ready: Vec<(NodeId, Tag)>,
     next_port: u16,
-    notes: Vec<NetNote>,
     observer: Option<Box<dyn Observer>>,
     /// Nodes that lie: see [`Net::set_liar`].
     liars: BTreeMap<NodeId, Liar>,
@@ -232,7 +235,6 @@ impl Net {
             accepts: BTreeMap::new(),
             ready: Vec::new(),
             next_port: 40_000,
-            notes: Vec::new(),
             observer: None,
             liars: BTreeMap::new(),
             id_nodes: BTreeSet::new(),
@@ -294,10 +296,6 @@ impl Net {
         self.partitions.remove(&Self::pair(a, b));
     }
 
-    pub fn heal_all(&mut self) {
-        self.partitions.clear();
-    }
-
     pub fn is_partitioned(&self, a: NodeId, b: NodeId) -> bool {
         self.partitions.contains(&Self::pair(a, b))
     }
@@ -313,15 +311,6 @@ impl Net {
 
     pub fn has_ready(&self) -> bool {
         !self.ready.is_empty()
-    }
-
-    pub fn take_notes(&mut self) -> Vec<NetNote> {
-        std::mem::take(&mut self.notes)
-    }
-
-    /// Connections with an end still open (for the leak check at the end of a run).
-    pub fn open_ends(&self, node: NodeId) -> usize {
-        self.conns.values().flat_map(|c| c.ends.iter()).filter(|e| e.owner == node && !e.closed).count()
     }
 
     fn schedule(&mut self, at: Duration, event: Event) {
@@ -356,10 +345,6 @@ impl Net {
         let remote = if end.side == 0 { c.target } else { other.addr };
         let remote_owner = (end.side == 1 || other.established).then_some(other.owner);
         Some(EndInfo { end, owner: me.owner, tag: me.tag, remote, remote_owner })
-    }
-
-    pub fn end_info(&self, end: EndId) -> Option<EndInfo> {
-        self.info(end)
     }
 
     fn notify(&mut self, end: EndId) {
@@ -639,7 +624,6 @@ impl Net {
                         self.schedule(at, Event::SynAck(conn));
                     }
                     None => {
-                        self.notes.push(NetNote::Refused { from, to: target });
                         let at = self.now + self.latency();
                         self.schedule(at, Event::Refuse(conn));
                     }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use common::server::{Admission, Engine, ServerConfig, Service, Sockets};
+use common::server::{Admission, Engine, ServerConfig, Service, Slots, Sockets};
 
 use crate::net::{EndId, Net, NodeId, Tag};
 
@@ -59,22 +59,15 @@ impl Drop for SimStream {
 struct SimSockets {
     node: NodeId,
     net: SharedNet,
-    clients: Vec<Option<SimStream>>,
-    peers: Vec<Option<SimStream>>,
-}
-
-fn slot(streams: &mut Vec<Option<SimStream>>, index: usize) -> &mut Option<SimStream> {
-    if streams.len() <= index {
-        streams.resize_with(index + 1, || None);
-    }
-    &mut streams[index]
+    clients: Slots<SimStream>,
+    peers: Slots<SimStream>,
 }
 
 impl Sockets for SimSockets {
     type Stream = SimStream;
 
     fn client(&mut self, index: usize) -> Option<&mut SimStream> {
-        self.clients.get_mut(index)?.as_mut()
+        self.clients.get_mut(index)
     }
 
     fn watch_client_writes(&mut self, _index: usize, _on: bool) -> io::Result<()> {
@@ -83,32 +76,28 @@ impl Sockets for SimSockets {
     }
 
     fn drop_client(&mut self, index: usize) {
-        if let Some(s) = self.clients.get_mut(index) {
-            s.take();
-        }
+        self.clients.take(index);
     }
 
     fn connect_peer(&mut self, index: usize, addr: SocketAddr) -> io::Result<()> {
         let end = self.net.borrow_mut().connect(self.node, Tag::Peer(index), addr);
-        *slot(&mut self.peers, index) = Some(SimStream::new(end, self.net.clone()));
+        self.peers.put(index, SimStream::new(end, self.net.clone()));
         Ok(())
     }
 
     fn peer_connected(&mut self, index: usize) -> io::Result<bool> {
-        match self.peers.get(index).and_then(Option::as_ref) {
+        match self.peers.get(index) {
             Some(s) => self.net.borrow().connected(s.end),
             None => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 
     fn peer(&mut self, index: usize) -> Option<&mut SimStream> {
-        self.peers.get_mut(index)?.as_mut()
+        self.peers.get_mut(index)
     }
 
     fn drop_peer(&mut self, index: usize) {
-        if let Some(s) = self.peers.get_mut(index) {
-            s.take();
-        }
+        self.peers.take(index);
     }
 }
 
@@ -177,7 +166,7 @@ where
             match engine.admit(from) {
                 Admission::Admitted(index) => {
                     sockets.net.borrow_mut().retag(end, Tag::Client(index));
-                    *slot(&mut sockets.clients, index) = Some(stream);
+                    sockets.clients.put(index, stream);
                     // What arrived before the accept is read now.
                     engine.client_ready(sockets, index, false);
                 }
@@ -218,11 +207,7 @@ where
             match tag {
                 Tag::Listener => Self::accept_all(engine, sockets),
                 Tag::Client(index) => {
-                    let hangup = sockets
-                        .clients
-                        .get(*index)
-                        .and_then(Option::as_ref)
-                        .is_some_and(|s| self.net.borrow().hung_up(s.end()));
+                    let hangup = sockets.clients.get(*index).is_some_and(|s| self.net.borrow().hung_up(s.end()));
                     engine.client_ready(sockets, *index, hangup);
                 }
                 _ => {}
@@ -257,7 +242,8 @@ where
         }
         let service = (self.make)(now);
         let Ok(mut engine) = Engine::new(self.config.clone(), self.addr, service, None, now) else { return };
-        let mut sockets = SimSockets { node: self.id, net: self.net.clone(), clients: Vec::new(), peers: Vec::new() };
+        let mut sockets =
+            SimSockets { node: self.id, net: self.net.clone(), clients: Slots::default(), peers: Slots::default() };
         self.net.borrow_mut().listen(self.addr, self.id);
         engine.start(&mut sockets, now, false);
         self.live = Some((engine, sockets));

@@ -53,6 +53,38 @@ pub trait Sockets {
     fn drop_peer(&mut self, index: usize);
 }
 
+/// A driver's sockets of one kind (clients or peers), at the engine's indexes for them.
+#[derive(Debug)]
+pub struct Slots<S>(Vec<Option<S>>);
+
+impl<S> Default for Slots<S> {
+    fn default() -> Self {
+        Slots(Vec::new())
+    }
+}
+
+impl<S> Slots<S> {
+    pub fn get(&self, index: usize) -> Option<&S> {
+        self.0.get(index)?.as_ref()
+    }
+
+    pub fn get_mut(&mut self, index: usize) -> Option<&mut S> {
+        self.0.get_mut(index)?.as_mut()
+    }
+
+    /// Puts `socket` at `index`, giving back what was there.
+    pub fn put(&mut self, index: usize, socket: S) -> Option<S> {
+        if self.0.len() <= index {
+            self.0.resize_with(index + 1, || None);
+        }
+        self.0[index].replace(socket)
+    }
+
+    pub fn take(&mut self, index: usize) -> Option<S> {
+        self.0.get_mut(index)?.take()
+    }
+}
+
 /// What the timers that fired ask of the driver.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Due {
@@ -135,10 +167,6 @@ impl<S: Service> Engine<S> {
 
     pub fn service(&self) -> &S {
         &self.service
-    }
-
-    pub fn service_mut(&mut self) -> &mut S {
-        &mut self.service
     }
 
     /// Starts the service: the tick (when `tick`, or with an access log) and its first timers.

@@ -12,7 +12,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
 use super::bind::{bind_listener_with, ShutdownHandle};
-use super::engine::{Admission, Engine, Sockets};
+use super::engine::{Admission, Engine, Slots, Sockets};
 use super::{ServerConfig, Service};
 use crate::admin::Admin;
 use crate::upstream::connect_finished;
@@ -28,15 +28,8 @@ const PEER_BASE: usize = 1 << 40;
 /// The sockets, indexed like the engine's connections.
 struct MioSockets {
     registry: Registry,
-    clients: Vec<Option<TcpStream>>,
-    peers: Vec<Option<TcpStream>>,
-}
-
-fn slot(sockets: &mut Vec<Option<TcpStream>>, index: usize) -> &mut Option<TcpStream> {
-    if sockets.len() <= index {
-        sockets.resize_with(index + 1, || None);
-    }
-    &mut sockets[index]
+    clients: Slots<TcpStream>,
+    peers: Slots<TcpStream>,
 }
 
 impl MioSockets {
@@ -51,21 +44,19 @@ impl Sockets for MioSockets {
     type Stream = TcpStream;
 
     fn client(&mut self, index: usize) -> Option<&mut TcpStream> {
-        self.clients.get_mut(index)?.as_mut()
+        self.clients.get_mut(index)
     }
 
     fn watch_client_writes(&mut self, index: usize, on: bool) -> io::Result<()> {
         let interest = if on { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-        match self.clients.get_mut(index).and_then(Option::as_mut) {
+        match self.clients.get_mut(index) {
             Some(stream) => self.registry.reregister(stream, Token(CLIENT_BASE + index), interest),
             None => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 
     fn drop_client(&mut self, index: usize) {
-        if let Some(socket) = self.clients.get_mut(index) {
-            Self::close(&self.registry, socket.take());
-        }
+        Self::close(&self.registry, self.clients.take(index));
     }
 
     /// A non-blocking connect, watched for both readiness kinds: edge-triggered, so an idle
@@ -74,26 +65,24 @@ impl Sockets for MioSockets {
         let mut stream = TcpStream::connect(addr)?;
         self.registry.register(&mut stream, Token(PEER_BASE + index), Interest::READABLE | Interest::WRITABLE)?;
         let _ = stream.set_nodelay(true);
-        let old = slot(&mut self.peers, index).replace(stream);
+        let old = self.peers.put(index, stream);
         Self::close(&self.registry, old);
         Ok(())
     }
 
     fn peer_connected(&mut self, index: usize) -> io::Result<bool> {
-        match self.peers.get(index).and_then(Option::as_ref) {
+        match self.peers.get(index) {
             Some(stream) => connect_finished(stream),
             None => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 
     fn peer(&mut self, index: usize) -> Option<&mut TcpStream> {
-        self.peers.get_mut(index)?.as_mut()
+        self.peers.get_mut(index)
     }
 
     fn drop_peer(&mut self, index: usize) {
-        if let Some(socket) = self.peers.get_mut(index) {
-            Self::close(&self.registry, socket.take());
-        }
+        Self::close(&self.registry, self.peers.take(index));
     }
 }
 
@@ -159,7 +148,7 @@ impl<S: Service> Server<S> {
             signals,
             shutdown,
             admin,
-            sockets: MioSockets { registry, clients: Vec::new(), peers: Vec::new() },
+            sockets: MioSockets { registry, clients: Slots::default(), peers: Slots::default() },
             engine,
         })
     }
@@ -341,7 +330,7 @@ impl<S: Service> Server<S> {
                     warn!("cannot register connection from {peer}: {e}");
                     return self.engine.abandon(&mut self.sockets, index);
                 }
-                *slot(&mut self.sockets.clients, index) = Some(stream);
+                self.sockets.clients.put(index, stream);
                 debug!("accepted {peer} as connection {index}");
             }
         }

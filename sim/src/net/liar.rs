@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{EndId, Net, NodeId};
+use super::{whole_lines, EndId, Net, NodeId};
 
 /// A node that answers with ids it was never sent on that connection (SPEC 3.6: any bytes
 /// from a proxy). Now and then an answer line's numeric `id` is replaced: by an id that is
@@ -54,35 +54,24 @@ impl Net {
         let ids = self.ids.entry(end.conn).or_insert_with(|| Ids { from, ..Ids::default() });
         if end.side == 0 {
             // Requests, read whole: a write may end in the middle of one.
-            ids.partial.extend_from_slice(bytes);
-            if let Some(last) = ids.partial.iter().rposition(|b| *b == b'\n') {
-                let whole: Vec<u8> = ids.partial.drain(..=last).collect();
-                for line in whole.split(|b| *b == b'\n') {
-                    if let Some((id, _, _)) = numeric_id(line) {
-                        ids.asked.insert(id);
-                        ids.waiting.insert(id);
-                    }
+            for line in whole_lines(&mut ids.partial, bytes).split(|b| *b == b'\n') {
+                if let Some((id, _, _)) = numeric_id(line) {
+                    ids.asked.insert(id);
+                    ids.waiting.insert(id);
                 }
             }
             return bytes.to_vec();
         }
         let Some(liar) = self.liars.get_mut(&to) else {
-            ids.answers.extend_from_slice(bytes);
-            if let Some(last) = ids.answers.iter().rposition(|b| *b == b'\n') {
-                let whole: Vec<u8> = ids.answers.drain(..=last).collect();
-                for line in whole.split(|b| *b == b'\n') {
-                    if let Some((id, _, _)) = numeric_id(line) {
-                        ids.waiting.remove(&id);
-                    }
+            for line in whole_lines(&mut ids.answers, bytes).split(|b| *b == b'\n') {
+                if let Some((id, _, _)) = numeric_id(line) {
+                    ids.waiting.remove(&id);
                 }
             }
             return bytes.to_vec();
         };
         let every = liar.every.max(1);
-        let pending = liar.lines.entry(end.conn).or_default();
-        pending.extend_from_slice(bytes);
-        let Some(last) = pending.iter().rposition(|b| *b == b'\n') else { return Vec::new() };
-        let whole: Vec<u8> = pending.drain(..=last).collect();
+        let whole = whole_lines(liar.lines.entry(end.conn).or_default(), bytes);
         let mut out = Vec::with_capacity(whole.len());
         for line in whole.split_inclusive(|b| *b == b'\n') {
             let lie = self.rng.below(every) == 0;
