@@ -9,6 +9,10 @@
 #   CONNECTIONS ("1 16")          connections per point (pipeline 1)
 #   DURATION (5) REPS (3)         seconds per run, runs per point (medians quoted)
 #   KEYS (200)                    keys in the working set
+#   STRATEGY (consistent_hash)    the balancer's strategy: twemproxy hashes keys (ketama), so
+#                                 the like-for-like setting is consistent_hash (each key cached
+#                                 on one proxy, as on one memcached); round_robin makes every
+#                                 proxy hold every value, three times the memory to read from
 #   STRACE (0)                    1: also count syscalls per answer of the balancer and one
 #                                 proxy (and of nutcracker) at the last connection count
 #
@@ -23,6 +27,7 @@ CONNECTIONS="${CONNECTIONS:-1 16}"
 DURATION="${DURATION:-5}"
 REPS="${REPS:-3}"
 KEYS="${KEYS:-200}"
+STRATEGY="${STRATEGY:-consistent_hash}"
 STRACE="${STRACE:-0}"
 SERVER_CPU="${SERVER_CPU:-0}"
 LOAD_CPU="${LOAD_CPU:-1}"
@@ -79,7 +84,7 @@ EOF
 
 echo "# large values: cachetier vs twemproxy+memcached — $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
-echo "# servers on CPU $SERVER_CPU, generator on CPU $LOAD_CPU; ${DURATION}s runs, medians of $REPS; $KEYS keys, all hits"
+echo "# servers on CPU $SERVER_CPU, generator on CPU $LOAD_CPU; ${DURATION}s runs, medians of $REPS; $KEYS keys, all hits; balancer --strategy $STRATEGY"
 
 for bytes in $VALUE_SIZES; do
     # Our stack: origin with synthetic values of about $bytes bytes, 3 lru proxies, balancer.
@@ -91,7 +96,7 @@ for bytes in $VALUE_SIZES; do
         serve "$BIN/proxy" --port "$p" --origin-port "$ORIGIN" --cache-type lru --log-level warn; PROXY_PID=$LAST_PID
     done
     for p in "${ports[@]}"; do wait_port "$p"; done
-    serve "$BIN/balancer" --port "$LB" --strategy round_robin --log-level warn \
+    serve "$BIN/balancer" --port "$LB" --strategy "$STRATEGY" --log-level warn \
         --proxies "127.0.0.1:${ports[0]}" "127.0.0.1:${ports[1]}" "127.0.0.1:${ports[2]}"; LB_PID=$LAST_PID
     wait_port "$LB"
     sleep 1.2 # first probes done
@@ -131,7 +136,9 @@ for i in range(keys):
     if reply != b"STORED\r\n":
         sys.exit(f"twemproxy refused a set: {reply!r}")
 EOF
-    load "$LB" --connections 8 --requests $((KEYS * 20)) --keys "$KEYS" --warmup 0 > /dev/null # warm every key on every proxy
+    # Every key warm on every proxy (under consistent_hash the bounded-load rule sends some GETs
+    # to a key's second choice), so that all answers are hits in both stacks.
+    for p in "${ports[@]}"; do load "$p" --connections 4 --requests $((KEYS * 12)) --keys "$KEYS" --warmup 0 > /dev/null; done
 
     echo
     echo "## values of $(cat "$WORK/len") bytes (pipeline 1)"

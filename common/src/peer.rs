@@ -121,16 +121,60 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Only a burst beyond it is given back afterwards.
 pub const RETAINED_INPUT: usize = 1024 * 1024;
 
+/// Input buffers of [`RETAINED_INPUT`] bytes for long lines, kept for reuse by all of a
+/// service's peer connections. A buffer given up while answers were still being written from
+/// it comes back here and is taken again once they are done, so reading the next long answer
+/// allocates, zeroes and faults in nothing. (Without it, a balancer relaying 512 KiB answers to
+/// 16 clients spent a quarter of its time allocating, zeroing and unmapping input buffers.)
+#[derive(Debug, Default)]
+pub struct InputPool {
+    buffers: Vec<Arc<Vec<u8>>>,
+}
+
+/// Buffers an [`InputPool`] keeps, whether free or still shared: at most 8 MiB.
+const POOLED_BUFFERS: usize = 8;
+
+impl InputPool {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A buffer of at least `min` bytes that nothing else holds: a free pooled one, else a
+    /// new one (zeroed by the allocator, so untouched pages cost nothing).
+    fn take(&mut self, min: usize) -> Arc<Vec<u8>> {
+        let free = self.buffers.iter_mut().position(|b| b.len() >= min && Arc::get_mut(b).is_some());
+        match free {
+            Some(i) => self.buffers.swap_remove(i),
+            None => Arc::new(vec![0; min.max(RETAINED_INPUT)]),
+        }
+    }
+
+    /// Keeps `buffer` for reuse (once free), if it is of the pooled size and there is room.
+    fn give(&mut self, buffer: Arc<Vec<u8>>) {
+        if buffer.len() == RETAINED_INPUT && self.buffers.len() < POOLED_BUFFERS {
+            self.buffers.push(buffer);
+        }
+    }
+
+    /// Buffers kept (for tests of its bound).
+    pub fn len(&self) -> usize {
+        self.buffers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buffers.is_empty()
+    }
+}
+
 /// Received bytes of one connection and the lines in them.
 #[derive(Debug, Default)]
 pub struct PeerInput {
     /// Received bytes live in `input[start..end]`; `input` is zeroed once when it grows, so
     /// reads do not pay for clearing memory. It is reference counted so that a long line can
     /// be passed on from where it was read ([`PeerLine::share`]); while such a view lives,
-    /// reading continues in `spare` (or a new buffer) and the bytes not yet used move.
+    /// reading continues in another buffer from the [`InputPool`] and the bytes not yet used
+    /// move there.
     input: Arc<Vec<u8>>,
-    /// The buffer given up while it was still shared, reused once nobody holds it.
-    spare: Option<Arc<Vec<u8>>>,
     start: usize,
     end: usize,
     /// `input[start..scanned]` holds no `\n`: a long line arriving in many reads is searched
@@ -163,7 +207,7 @@ impl PeerInput {
     /// When it stops that way, [`PeerInput::stopped_short`] says so: once the complete lines
     /// are consumed, fill again (readiness is edge-triggered: no event comes for what the
     /// socket still holds).
-    pub fn fill<R: Read>(&mut self, reader: &mut R, max_line: usize) -> io::Result<()> {
+    pub fn fill<R: Read>(&mut self, reader: &mut R, max_line: usize, pool: &mut InputPool) -> io::Result<()> {
         self.stopped_short = false;
         loop {
             if self.eof {
@@ -173,7 +217,11 @@ impl PeerInput {
                 self.stopped_short = true;
                 return Ok(());
             }
-            self.make_room();
+            if !self.make_room(pool) {
+                // Full of complete lines: they are used first, then reading goes on.
+                self.stopped_short = true;
+                return Ok(());
+            }
             // Unique: `make_room` swaps a shared buffer out.
             let Some(input) = Arc::get_mut(&mut self.input) else { return Ok(()) };
             match read_once(reader, input.get_mut(self.end..).unwrap_or_default()) {
@@ -217,14 +265,15 @@ impl PeerInput {
             self.end = 0;
             self.scanned.set(0);
             if self.input.len() > RETAINED_INPUT {
-                // A burst bigger than what is kept: give it back, and the spare with it.
+                // A burst bigger than what is kept: give it back.
                 self.input = Arc::new(Vec::new());
-                self.spare = None;
-            }
-            if self.spare.as_ref().is_some_and(|spare| spare.len() > RETAINED_INPUT) {
-                self.spare = None;
             }
         }
+    }
+
+    /// The connection is done with its input: its buffer goes back to `pool`.
+    pub fn recycle(self, pool: &mut InputPool) {
+        pool.give(self.input);
     }
 
     /// Bytes received but not yet consumed.
@@ -239,41 +288,77 @@ impl PeerInput {
 
     /// The input buffer with room after `end` for one more read: the bytes not yet consumed
     /// move to the front only when the room behind them runs short (not on every event, so a
-    /// long line is not copied over and over while it arrives), and the buffer doubles only
-    /// when it is more than half full of them. A buffer shared with answers still being
-    /// written is left to them: the unconsumed bytes move to the spare or a new buffer.
-    fn make_room(&mut self) {
+    /// long line is not copied over and over while it arrives). A buffer outgrown, or shared
+    /// with answers still being written, is swapped for one from `pool` (the shared one goes
+    /// to the pool, to be taken again once they are done); past the pooled size the buffer
+    /// doubles when more than half full.
+    ///
+    /// `false` when the room is short and a complete line is buffered: the buffer neither
+    /// grows nor moves for bytes that can wait in the socket until the lines are used
+    /// (reading a burst of long answers to the end would otherwise double the buffer and
+    /// give it back afterwards, every time).
+    fn make_room(&mut self, pool: &mut InputPool) -> bool {
         let unconsumed = self.end - self.start;
         let room = self.input.len() - self.end;
-        let wanted = if unconsumed * 2 > self.input.len() { self.input.len() * 2 } else { self.input.len() };
-        let wanted = wanted.max(READ_CHUNK);
-        if Arc::get_mut(&mut self.input).is_none() {
-            let mut fresh = self.spare.take().filter(|spare| Arc::strong_count(spare) == 1).unwrap_or_default();
-            if Arc::get_mut(&mut fresh).is_none() {
-                fresh = Arc::default();
+        let shared = Arc::get_mut(&mut self.input).is_none();
+        if !shared && room >= READ_CHUNK / 2 {
+            return true;
+        }
+        if unconsumed > 0 && self.holds_line() {
+            return false;
+        }
+        if !shared
+            && self.start > 0
+            && self.input.len() - unconsumed >= READ_CHUNK / 2
+            && unconsumed * 2 <= self.input.len()
+        {
+            if let Some(buf) = Arc::get_mut(&mut self.input) {
+                buf.copy_within(self.start..self.end, 0);
             }
-            // Sized for what it must hold, not like the buffer given up: a new buffer may be
-            // pinned in turn by an answer that waits, and should not be mostly empty then.
-            let wanted = (unconsumed * 2).max(READ_CHUNK * 2);
-            if let Some(buf) = Arc::get_mut(&mut fresh) {
-                if buf.len() < wanted {
-                    buf.resize(wanted, 0);
-                }
-                buf[..unconsumed].copy_from_slice(&self.input[self.start..self.end]);
-            }
-            self.spare = Some(std::mem::replace(&mut self.input, fresh));
             self.move_to_front();
-        } else if room < READ_CHUNK / 2 {
+            return true;
+        }
+        if !shared && self.input.len() >= RETAINED_INPUT {
+            // A line longer than pooled buffers: this buffer grows on its own.
             if self.start > 0 {
                 if let Some(buf) = Arc::get_mut(&mut self.input) {
                     buf.copy_within(self.start..self.end, 0);
                 }
                 self.move_to_front();
             }
-            if self.input.len() - self.end < READ_CHUNK / 2 {
-                if let Some(buf) = Arc::get_mut(&mut self.input) {
+            let wanted = if unconsumed * 2 > self.input.len() { self.input.len() * 2 } else { self.input.len() };
+            if let Some(buf) = Arc::get_mut(&mut self.input) {
+                if buf.len() - self.end < READ_CHUNK / 2 {
                     buf.resize(wanted.max(buf.len() + READ_CHUNK), 0);
                 }
+            }
+            return true;
+        }
+        if !shared && self.input.len() < READ_CHUNK {
+            // First read: a small buffer of its own (most peers only ever send short lines).
+            if let Some(buf) = Arc::get_mut(&mut self.input) {
+                buf.resize(READ_CHUNK, 0);
+            }
+            return true;
+        }
+        let mut fresh = pool.take(unconsumed.saturating_mul(2).max(READ_CHUNK));
+        if let Some(buf) = Arc::get_mut(&mut fresh) {
+            buf[..unconsumed].copy_from_slice(&self.input[self.start..self.end]);
+        }
+        pool.give(std::mem::replace(&mut self.input, fresh));
+        self.move_to_front();
+        true
+    }
+
+    /// Whether the buffered bytes hold a `\n` (a complete line). What was searched without
+    /// finding one is remembered, as [`PeerInput::frame`] does.
+    fn holds_line(&self) -> bool {
+        let from = self.scanned.get().max(self.start);
+        match self.input.get(from..self.end).and_then(|rest| memchr::memchr(b'\n', rest)) {
+            Some(_) => true,
+            None => {
+                self.scanned.set(self.end);
+                false
             }
         }
     }
@@ -421,5 +506,117 @@ mod tests {
         assert_eq!(map.iter().collect::<Vec<_>>(), vec![(new, &"new")]);
         assert_eq!(map.remove(new), Some("new"));
         assert!(map.is_empty());
+    }
+
+    /// A socket's worth of bytes, handed out `per_read` at a time; then "would block". With
+    /// `trickle`, every other read would block: the bytes arrive while lines are being used.
+    struct Socket {
+        bytes: Vec<u8>,
+        at: usize,
+        per_read: usize,
+        trickle: bool,
+        blocked: bool,
+    }
+
+    impl Socket {
+        fn new(bytes: Vec<u8>, per_read: usize, trickle: bool) -> Self {
+            Self { bytes, at: 0, per_read, trickle, blocked: false }
+        }
+    }
+
+    impl Read for Socket {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let rest = self.bytes.get(self.at..).unwrap_or_default();
+            self.blocked = self.trickle && !self.blocked;
+            if rest.is_empty() || !self.blocked && self.trickle {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = rest.len().min(buf.len()).min(self.per_read);
+            buf[..n].copy_from_slice(&rest[..n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    /// `count` lines of `len` bytes each (the `\n` included), line `i` made of one letter.
+    fn long_lines(count: usize, len: usize) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for i in 0..count {
+            bytes.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, len - 1));
+            bytes.push(b'\n');
+        }
+        bytes
+    }
+
+    /// Reads and frames everything the socket holds, as the drivers do: fill, use the complete
+    /// lines (keeping a shared view of each in `held` when asked), fill again while the fill
+    /// stopped short. Returns the lines and the largest capacity the buffer reached.
+    fn drain(
+        input: &mut PeerInput,
+        socket: &mut Socket,
+        pool: &mut InputPool,
+        held: &mut Vec<SharedBytes>,
+        hold: bool,
+    ) -> (Vec<Vec<u8>>, usize) {
+        let max_line = 8 << 20;
+        let (mut lines, mut most) = (Vec::new(), 0);
+        loop {
+            input.fill(socket, max_line, pool).unwrap();
+            most = most.max(input.capacity());
+            while let Frame::Line(line, used) = input.frame(max_line) {
+                let line = input.line(line);
+                if hold {
+                    held.push(line.share(line.bytes()).unwrap());
+                }
+                lines.push(line.bytes().to_vec());
+                input.consume(used);
+            }
+            if !input.stopped_short() && socket.at == socket.bytes.len() {
+                return (lines, most);
+            }
+        }
+    }
+
+    #[test]
+    fn a_burst_of_long_lines_is_read_without_growing_the_buffer_past_what_is_kept() {
+        // Eight 300 KiB answers in the socket at once (2.4 MiB): reading them all before using
+        // any would double the buffer to 4 MiB and give it back after, for every burst.
+        let burst = long_lines(8, 300 * 1024);
+        let mut pool = InputPool::new();
+        let mut input = PeerInput::new();
+        for round in 0..3 {
+            let mut socket = Socket::new(burst.clone(), usize::MAX, false);
+            let (lines, most) = drain(&mut input, &mut socket, &mut pool, &mut Vec::new(), false);
+            assert_eq!(lines.len(), 8, "round {round}");
+            assert!(lines.iter().enumerate().all(|(i, l)| l.len() == 300 * 1024 - 1 && l[0] == b'a' + i as u8));
+            assert!(most <= RETAINED_INPUT, "round {round}: the buffer grew to {most} bytes");
+            assert_eq!(input.buffered(), 0);
+        }
+        // Nothing was shared, so nothing was swapped out into the pool.
+        assert!(pool.is_empty());
+    }
+
+    #[test]
+    fn buffers_pinned_by_shared_answers_are_reused_once_the_answers_are_written() {
+        let mut pool = InputPool::new();
+        let mut input = PeerInput::new();
+        let mut held = Vec::new();
+        for round in 0..20 {
+            // Two 400 KiB answers, arriving 64 KiB at a time; each is passed on as a view of
+            // the buffer it was read into (so reading the next goes on in another buffer),
+            // and written out (dropped) before the next round.
+            let mut socket = Socket::new(long_lines(2, 400 * 1024), 64 * 1024, true);
+            let (lines, most) = drain(&mut input, &mut socket, &mut pool, &mut held, true);
+            assert_eq!(lines.len(), 2, "round {round}");
+            assert!(held.iter().zip(&lines).all(|(view, line)| **view == **line), "round {round}");
+            assert!(most <= RETAINED_INPUT, "round {round}: the buffer grew to {most} bytes");
+            held.clear();
+            // Buffers given up while pinned are taken again, not added to: the pool stays at
+            // the one or two buffers these answers needed.
+            assert!(pool.len() <= 2, "round {round}: {} pooled buffers", pool.len());
+        }
+        let pooled = pool.len();
+        input.recycle(&mut pool);
+        assert_eq!(pool.len(), pooled + 1, "a connection's 1 MiB buffer goes back to the pool");
     }
 }

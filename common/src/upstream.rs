@@ -10,7 +10,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use crate::framing::{Frame, OutBuf, SharedBytes};
-use crate::peer::PeerInput;
+use crate::peer::{InputPool, PeerInput};
 pub use crate::peer::{RETAINED_INPUT, SHARE_LINE_MIN};
 
 #[derive(Debug)]
@@ -19,6 +19,8 @@ pub struct Upstream {
     token: Token,
     connected: bool,
     input: PeerInput,
+    /// Where `input` takes a bigger buffer from (and gives one back).
+    pool: InputPool,
     out: OutBuf,
 }
 
@@ -51,7 +53,14 @@ impl Upstream {
         let mut stream = TcpStream::connect(addr)?;
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
         let _ = stream.set_nodelay(true);
-        Ok(Upstream { stream, token, connected: false, input: PeerInput::new(), out: OutBuf::new() })
+        Ok(Upstream {
+            stream,
+            token,
+            connected: false,
+            input: PeerInput::new(),
+            pool: InputPool::new(),
+            out: OutBuf::new(),
+        })
     }
 
     pub fn token(&self) -> Token {
@@ -100,7 +109,7 @@ impl Upstream {
             self.connected = true;
         }
         self.flush()?;
-        self.input.fill(&mut self.stream, max_line)?;
+        self.input.fill(&mut self.stream, max_line, &mut self.pool)?;
         Ok(Progress::Ready)
     }
 

@@ -21,7 +21,7 @@ use crate::fdlimit::DescriptorBudget;
 use crate::framing::{next_frame, read_once, Frame};
 use crate::metrics::StartTime;
 use crate::outbuf::Output;
-use crate::peer::{PeerClosed, PeerCommand, PeerEnd, PeerId};
+use crate::peer::{InputPool, PeerClosed, PeerCommand, PeerEnd, PeerId};
 use crate::protocol::{Reply, Status};
 use crate::timers::TimerQueue;
 
@@ -117,6 +117,8 @@ pub struct Engine<S: Service> {
     again_batch: Vec<ClientId>,
     dirty_batch: Vec<usize>,
     peers_batch: Vec<PeerId>,
+    /// Input buffers for peers' long lines, reused across answers and connections.
+    input_pool: InputPool,
 }
 
 impl<S: Service> Engine<S> {
@@ -158,6 +160,7 @@ impl<S: Service> Engine<S> {
             again_batch: Vec::new(),
             dirty_batch: Vec::new(),
             peers_batch: Vec::new(),
+            input_pool: InputPool::new(),
         })
     }
 
@@ -623,7 +626,7 @@ impl<S: Service> Engine<S> {
         let max_line = p.max_line;
         let end = 'read: loop {
             let read = match sockets.peer(index) {
-                Some(stream) => input.fill(stream, max_line),
+                Some(stream) => input.fill(stream, max_line, &mut self.input_pool),
                 None => Err(io::ErrorKind::NotConnected.into()),
             };
             if let Some(p) = self.ctx.live_peer_mut(id) {
@@ -719,6 +722,9 @@ impl<S: Service> Engine<S> {
         sockets.drop_peer(peer.index);
         debug!("peer connection {} to {} ended: {}", peer.serial, p.addr, end.describe());
         let closed = PeerClosed { end, received: p.received, was_connected: p.connected };
+        if let Some(input) = p.input {
+            input.recycle(&mut self.input_pool);
+        }
         self.service.on_peer_closed(&mut self.ctx, peer, closed);
     }
 }
