@@ -198,7 +198,8 @@ pub struct PeerInput {
     /// reading continues in another buffer from the [`InputPool`] and the bytes not yet used
     /// move there.
     input: Arc<Vec<u8>>,
-    /// Where bytes start in `input` when it holds none ([`read_origin`]).
+    /// Where bytes start in `input` when it holds none ([`read_origin`]); set where `input`
+    /// is replaced, not on every emptying.
     origin: usize,
     start: usize,
     end: usize,
@@ -289,8 +290,8 @@ impl PeerInput {
             if self.input.len() > RETAINED_INPUT {
                 // A burst bigger than what is kept: give it back.
                 self.input = Arc::new(Vec::new());
+                self.origin = 0;
             }
-            self.origin = read_origin(&self.input, 0);
             self.start = self.origin;
             self.end = self.origin;
             self.scanned.set(self.origin);
