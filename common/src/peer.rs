@@ -126,6 +126,17 @@ const READ_CHUNK: usize = 64 * 1024;
 const READ_PAGE_OFFSET: usize = 2048;
 const PAGE: usize = 4096;
 
+/// Where a read into a buffer of `len` bytes with bytes up to `end` stops: at the middle, or
+/// [`READ_CHUNK`] on, whichever is further (and at the end). Past the middle, a read that
+/// completes a line brings at most a chunk of the next, so that when that line has to move (to
+/// the front, or to another buffer while the first is still being written from) it is short.
+/// A 512 KiB answer in a 1 MiB buffer otherwise arrives with most of the next one after it,
+/// which then moved whole, every other answer.
+fn read_limit(len: usize, end: usize) -> usize {
+    let middle = len / 2;
+    end.saturating_add(middle.saturating_sub(end).max(READ_CHUNK)).min(len)
+}
+
 /// Index in `buffer` at which bytes should start so that they lie [`READ_PAGE_OFFSET`] into a
 /// page, if that leaves room for `holding` bytes and a read after them; else 0.
 fn read_origin(buffer: &[u8], holding: usize) -> usize {
@@ -154,8 +165,8 @@ pub struct InputPool {
     buffers: Vec<Arc<Vec<u8>>>,
 }
 
-/// Buffers an [`InputPool`] keeps, whether free or still shared: at most 8 MiB.
-const POOLED_BUFFERS: usize = 8;
+/// Buffers an [`InputPool`] keeps, whether free or still shared: at most 16 MiB.
+const POOLED_BUFFERS: usize = 16;
 
 impl InputPool {
     pub fn new() -> Self {
@@ -233,7 +244,19 @@ impl PeerInput {
     /// When it stops that way, [`PeerInput::stopped_short`] says so: once the complete lines
     /// are consumed, fill again (readiness is edge-triggered: no event comes for what the
     /// socket still holds).
-    pub fn fill<R: Read>(&mut self, reader: &mut R, max_line: usize, pool: &mut InputPool) -> io::Result<()> {
+    ///
+    /// `to_the_end == false`: a read shorter than the room offered ends reading, since the
+    /// socket is then empty and edge-triggered readiness reports whatever arrives later (the
+    /// read that would only say `WouldBlock` is saved: one system call in two for short
+    /// answers). `true` (the peer hung up, or a write to it failed): reads go on until
+    /// `WouldBlock` or the end of the stream.
+    pub fn fill<R: Read>(
+        &mut self,
+        reader: &mut R,
+        max_line: usize,
+        pool: &mut InputPool,
+        to_the_end: bool,
+    ) -> io::Result<()> {
         self.stopped_short = false;
         loop {
             if self.eof {
@@ -250,11 +273,16 @@ impl PeerInput {
             }
             // Unique: `make_room` swaps a shared buffer out.
             let Some(input) = Arc::get_mut(&mut self.input) else { return Ok(()) };
-            match read_once(reader, input.get_mut(self.end..).unwrap_or_default()) {
+            let until = read_limit(input.len(), self.end);
+            let offered = until.saturating_sub(self.end);
+            match read_once(reader, input.get_mut(self.end..until).unwrap_or_default()) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.end += n;
                     self.received = self.received.saturating_add(n as u64);
+                    if n < offered && !to_the_end {
+                        return Ok(());
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
@@ -327,12 +355,24 @@ impl PeerInput {
     fn make_room(&mut self, pool: &mut InputPool) -> bool {
         let unconsumed = self.end - self.start;
         let room = self.input.len() - self.end;
+        let middle = self.input.len() / 2;
         let shared = Arc::get_mut(&mut self.input).is_none();
-        if !shared && room >= READ_CHUNK / 2 {
+        let late_start = self.start > middle && self.start > self.origin;
+        // Past the middle, complete lines are used before more is read (see `read_limit`).
+        let lines_first = self.end > middle && unconsumed > 0;
+        let must_wait = lines_first && self.holds_line();
+        if !shared && room >= READ_CHUNK / 2 && !late_start && !must_wait {
             return true;
         }
         if unconsumed > 0 && self.holds_line() {
             return false;
+        }
+        if !shared && late_start {
+            // A line begun in the back half of the buffer moves to the front while only its
+            // first read is in: it would have to move anyway, later and longer, unless it is
+            // short, and then moving it costs little.
+            self.move_to_origin();
+            return true;
         }
         if !shared
             && self.start > self.origin
@@ -372,12 +412,16 @@ impl PeerInput {
         true
     }
 
-    /// Whether the buffered bytes hold a `\n` (a complete line). What was searched without
-    /// finding one is remembered, as [`PeerInput::frame`] does.
+    /// Whether the buffered bytes hold a `\n` (a complete line). How far they are known to
+    /// hold none is remembered, as [`PeerInput::frame`] does.
     fn holds_line(&self) -> bool {
         let from = self.scanned.get().max(self.start);
         match self.input.get(from..self.end).and_then(|rest| memchr::memchr(b'\n', rest)) {
-            Some(_) => true,
+            Some(at) => {
+                // Nothing before the newline is one: `frame` starts there.
+                self.scanned.set(from + at);
+                true
+            }
             None => {
                 self.scanned.set(self.end);
                 false
@@ -596,7 +640,7 @@ mod tests {
         let max_line = 8 << 20;
         let (mut lines, mut most) = (Vec::new(), 0);
         loop {
-            input.fill(socket, max_line, pool).unwrap();
+            input.fill(socket, max_line, pool, true).unwrap();
             most = most.max(input.capacity());
             while let Frame::Line(line, used) = input.frame(max_line) {
                 let line = input.line(line);
@@ -610,6 +654,38 @@ mod tests {
                 return (lines, most);
             }
         }
+    }
+
+    /// A read shorter than the room offered means the socket is empty: the fill ends there,
+    /// saving the read that would only say "would block", unless told to read to the end.
+    #[test]
+    fn a_short_read_ends_the_fill_unless_reading_to_the_end() {
+        for (to_the_end, buffered) in [(false, 4), (true, 8)] {
+            let (mut pool, mut input) = (InputPool::new(), PeerInput::new());
+            let mut socket = Socket::new(b"one\ntwo\n".to_vec(), 4, false);
+            input.fill(&mut socket, 1024, &mut pool, to_the_end).unwrap();
+            assert_eq!(input.buffered(), buffered, "to_the_end {to_the_end}");
+        }
+    }
+
+    /// Past the middle of the buffer, the read that completes a long line brings at most a
+    /// chunk of the next one, and reading then waits for the line to be used: that start is
+    /// what moves (to the front, or to another buffer while the line is being written), not
+    /// most of the next line.
+    #[test]
+    fn a_long_line_is_completed_with_at_most_a_chunk_of_the_next() {
+        let (mut pool, mut input) = (InputPool::new(), PeerInput::new());
+        let mut socket = Socket::new(long_lines(2, 600 * 1024), usize::MAX, false);
+        let used = loop {
+            input.fill(&mut socket, 8 << 20, &mut pool, true).unwrap();
+            if let Frame::Line(line, used) = input.frame(8 << 20) {
+                assert_eq!(line.len(), 600 * 1024 - 1);
+                break used;
+            }
+        };
+        let next = input.buffered() - used;
+        assert!(next <= READ_CHUNK, "{next} bytes of the next line read with the first");
+        assert!(input.stopped_short(), "reading goes on once the line is used");
     }
 
     #[test]
@@ -641,7 +717,7 @@ mod tests {
             let mut socket = Socket::new(long_lines(1, 100 * 1024), 16 * 1024, true);
             let mut starts = Vec::new();
             while socket.at < socket.bytes.len() || input.stopped_short() {
-                input.fill(&mut socket, 8 << 20, &mut pool).unwrap();
+                input.fill(&mut socket, 8 << 20, &mut pool, true).unwrap();
                 while let Frame::Line(line, used) = input.frame(8 << 20) {
                     starts.push(line.as_ptr() as usize % PAGE);
                     if hold {

@@ -200,7 +200,8 @@ where
         engine.begin_turn(now);
         for tag in ready {
             if let Tag::Peer(index) = tag {
-                engine.peer_ready(sockets, *index);
+                let hangup = sockets.peers.get(*index).is_some_and(|s| self.net.borrow().hung_up(s.end()));
+                engine.peer_ready(sockets, *index, hangup);
             }
         }
         for tag in ready {
