@@ -245,18 +245,10 @@ impl PeerInput {
     /// are consumed, fill again (readiness is edge-triggered: no event comes for what the
     /// socket still holds).
     ///
-    /// `to_the_end == false`: a read shorter than the room offered ends reading, since the
-    /// socket is then empty and edge-triggered readiness reports whatever arrives later (the
-    /// read that would only say `WouldBlock` is saved: one system call in two for short
-    /// answers). `true` (the peer hung up, or a write to it failed): reads go on until
-    /// `WouldBlock` or the end of the stream.
-    pub fn fill<R: Read>(
-        &mut self,
-        reader: &mut R,
-        max_line: usize,
-        pool: &mut InputPool,
-        to_the_end: bool,
-    ) -> io::Result<()> {
+    /// A read shorter than the room offered does not end reading: the socket need not be
+    /// empty (Linux stops a read at a TCP urgent mark with the rest still queued, and with
+    /// edge-triggered readiness no event would come for it). Reads go on until `WouldBlock`.
+    pub fn fill<R: Read>(&mut self, reader: &mut R, max_line: usize, pool: &mut InputPool) -> io::Result<()> {
         self.stopped_short = false;
         loop {
             if self.eof {
@@ -274,15 +266,11 @@ impl PeerInput {
             // Unique: `make_room` swaps a shared buffer out.
             let Some(input) = Arc::get_mut(&mut self.input) else { return Ok(()) };
             let until = read_limit(input.len(), self.end);
-            let offered = until.saturating_sub(self.end);
             match read_once(reader, input.get_mut(self.end..until).unwrap_or_default()) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.end += n;
                     self.received = self.received.saturating_add(n as u64);
-                    if n < offered && !to_the_end {
-                        return Ok(());
-                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
@@ -640,7 +628,7 @@ mod tests {
         let max_line = 8 << 20;
         let (mut lines, mut most) = (Vec::new(), 0);
         loop {
-            input.fill(socket, max_line, pool, true).unwrap();
+            input.fill(socket, max_line, pool).unwrap();
             most = most.max(input.capacity());
             while let Frame::Line(line, used) = input.frame(max_line) {
                 let line = input.line(line);
@@ -656,16 +644,15 @@ mod tests {
         }
     }
 
-    /// A read shorter than the room offered means the socket is empty: the fill ends there,
-    /// saving the read that would only say "would block", unless told to read to the end.
+    /// A read shorter than the room offered does not mean the socket is empty (the kernel
+    /// stops a read at a TCP urgent mark with the rest queued, and no new readiness comes for
+    /// it): the fill reads on until the socket says "would block".
     #[test]
-    fn a_short_read_ends_the_fill_unless_reading_to_the_end() {
-        for (to_the_end, buffered) in [(false, 4), (true, 8)] {
-            let (mut pool, mut input) = (InputPool::new(), PeerInput::new());
-            let mut socket = Socket::new(b"one\ntwo\n".to_vec(), 4, false);
-            input.fill(&mut socket, 1024, &mut pool, to_the_end).unwrap();
-            assert_eq!(input.buffered(), buffered, "to_the_end {to_the_end}");
-        }
+    fn a_short_read_does_not_end_the_fill() {
+        let (mut pool, mut input) = (InputPool::new(), PeerInput::new());
+        let mut socket = Socket::new(b"one\ntwo\n".to_vec(), 4, false);
+        input.fill(&mut socket, 1024, &mut pool).unwrap();
+        assert_eq!(input.buffered(), 8, "both lines read in one fill");
     }
 
     /// Past the middle of the buffer, the read that completes a long line brings at most a
@@ -677,7 +664,7 @@ mod tests {
         let (mut pool, mut input) = (InputPool::new(), PeerInput::new());
         let mut socket = Socket::new(long_lines(2, 600 * 1024), usize::MAX, false);
         let used = loop {
-            input.fill(&mut socket, 8 << 20, &mut pool, true).unwrap();
+            input.fill(&mut socket, 8 << 20, &mut pool).unwrap();
             if let Frame::Line(line, used) = input.frame(8 << 20) {
                 assert_eq!(line.len(), 600 * 1024 - 1);
                 break used;
@@ -717,7 +704,7 @@ mod tests {
             let mut socket = Socket::new(long_lines(1, 100 * 1024), 16 * 1024, true);
             let mut starts = Vec::new();
             while socket.at < socket.bytes.len() || input.stopped_short() {
-                input.fill(&mut socket, 8 << 20, &mut pool, true).unwrap();
+                input.fill(&mut socket, 8 << 20, &mut pool).unwrap();
                 while let Frame::Line(line, used) = input.frame(8 << 20) {
                     starts.push(line.as_ptr() as usize % PAGE);
                     if hold {

@@ -109,7 +109,7 @@ impl Upstream {
             self.connected = true;
         }
         self.flush()?;
-        self.input.fill(&mut self.stream, max_line, &mut self.pool, true)?;
+        self.input.fill(&mut self.stream, max_line, &mut self.pool)?;
         Ok(Progress::Ready)
     }
 

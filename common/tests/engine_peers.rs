@@ -134,7 +134,7 @@ fn answers_before_a_reset_found_by_the_turns_write_are_delivered() {
     let mut engine = Engine::new(ServerConfig::default(), addr, Toy::default(), None, now).unwrap();
     engine.start(&mut driver, now, false);
     let index = engine.service().peer.unwrap().index();
-    engine.peer_ready(&mut driver, index, false);
+    engine.peer_ready(&mut driver, index);
     assert!(engine.ctx().is_peer_connected(engine.service().peer.unwrap()));
     // The answers and the reset arrive; no readiness is reported yet.
     let socket = driver.peers[index].as_mut().unwrap();
@@ -146,7 +146,7 @@ fn answers_before_a_reset_found_by_the_turns_write_are_delivered() {
     let _ = engine.fire_timers(&mut driver, later);
     engine.end_turn(&mut driver);
     // The readiness the driver reports after that (the socket is gone by then, if it ended).
-    engine.peer_ready(&mut driver, index, true);
+    engine.peer_ready(&mut driver, index);
     let toy = engine.service();
     assert_eq!(toy.lines, vec![b"one".to_vec(), b"two".to_vec()]);
     assert_eq!(toy.closed, 1);

@@ -200,8 +200,7 @@ where
         engine.begin_turn(now);
         for tag in ready {
             if let Tag::Peer(index) = tag {
-                let hangup = sockets.peers.get(*index).is_some_and(|s| self.net.borrow().hung_up(s.end()));
-                engine.peer_ready(sockets, *index, hangup);
+                engine.peer_ready(sockets, *index);
             }
         }
         for tag in ready {

@@ -593,14 +593,12 @@ impl<S: Service> Engine<S> {
 /// what is queued, reads, and hands the service each complete line, then how it ended.
 impl<S: Service> Engine<S> {
     /// Peer socket `index` is ready (connected, readable, writable or closed).
-    /// `hangup`: the readiness said the peer closed or failed (its input is then read to the
-    /// end).
-    pub fn peer_ready<K: Sockets>(&mut self, sockets: &mut K, index: usize, hangup: bool) {
-        self.drive_peer(sockets, index, hangup);
+    pub fn peer_ready<K: Sockets>(&mut self, sockets: &mut K, index: usize) {
+        self.drive_peer(sockets, index);
         self.apply_peer_commands(sockets);
     }
 
-    fn drive_peer<K: Sockets>(&mut self, sockets: &mut K, index: usize, hangup: bool) {
+    fn drive_peer<K: Sockets>(&mut self, sockets: &mut K, index: usize) {
         let Some(p) = self.ctx.peers.get_mut(index) else { return };
         let id = PeerId { index, serial: p.serial };
         if !p.connected {
@@ -616,20 +614,19 @@ impl<S: Service> Engine<S> {
         // A failed write ends the connection, but only after what the peer sent before it
         // went (answers, then a reset for the requests it left unread) is handed over.
         let write_failed = self.write_peer(sockets, id).err();
-        self.read_peer(sockets, id, write_failed, hangup);
+        self.read_peer(sockets, id, write_failed);
     }
 
     /// Reads what `id` sent and hands the service each complete line, then how the
     /// connection ended, if it did (`write_failed`: a write to it failed just before).
-    fn read_peer<K: Sockets>(&mut self, sockets: &mut K, id: PeerId, write_failed: Option<io::Error>, hangup: bool) {
+    fn read_peer<K: Sockets>(&mut self, sockets: &mut K, id: PeerId, write_failed: Option<io::Error>) {
         let index = id.index;
         let Some(p) = self.ctx.live_peer_mut(id) else { return };
         let Some(mut input) = p.input.take() else { return };
         let max_line = p.max_line;
-        let to_the_end = hangup || write_failed.is_some();
         let end = 'read: loop {
             let read = match sockets.peer(index) {
-                Some(stream) => input.fill(stream, max_line, &mut self.input_pool, to_the_end),
+                Some(stream) => input.fill(stream, max_line, &mut self.input_pool),
                 None => Err(io::ErrorKind::NotConnected.into()),
             };
             if let Some(p) = self.ctx.live_peer_mut(id) {
@@ -691,7 +688,7 @@ impl<S: Service> Engine<S> {
                 p.dirty = false;
                 if let Err(e) = self.write_peer(sockets, peer) {
                     // What it sent before the failure (its answers, then a reset) first.
-                    self.read_peer(sockets, peer, Some(e), true);
+                    self.read_peer(sockets, peer, Some(e));
                 }
             }
             self.peers_batch = batch;

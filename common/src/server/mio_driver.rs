@@ -233,8 +233,7 @@ impl<S: Service> Server<S> {
         // before the turn's new requests are routed on those counts.
         for event in events.iter() {
             if let Some(index) = event.token().0.checked_sub(PEER_BASE) {
-                let hangup = event.is_read_closed() || event.is_error();
-                self.engine.peer_ready(&mut self.sockets, index, hangup);
+                self.engine.peer_ready(&mut self.sockets, index);
             }
         }
         for event in events.iter() {
