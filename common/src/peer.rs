@@ -742,3 +742,174 @@ mod tests {
         assert_eq!(pool.len(), pooled + 1, "a connection's 1 MiB buffer goes back to the pool");
     }
 }
+#[cfg(test)]
+/// `PeerInput` driven as the engine drives it, against a socket modelled on the kernel's: a
+/// read returns what has arrived up to the room offered, and only arrivals (and the end) bring
+/// readiness. Random arrival sizes, random views of lines held (so buffers are swapped), lines
+/// around every size the buffer logic treats differently: each line is delivered once, whole
+/// and in order, the end is seen, and the buffer stays within its bound.
+mod edge_triggered_model {
+    use super::*;
+    use std::io::{self, Read};
+
+    /// A kernel-faithful socket: a read returns min(room, arrived); new bytes arriving
+    /// are the only source of readiness events (edge-triggered).
+    struct Kernel {
+        bytes: Vec<u8>,
+        arrived: usize,
+        at: usize,
+        fin: bool,
+    }
+    impl Read for Kernel {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let avail = self.arrived - self.at;
+            if avail == 0 {
+                return if self.fin { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
+            }
+            let n = avail.min(buf.len());
+            buf[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    fn run(seed: u64) {
+        run_with(seed, 8 << 20, None)
+    }
+
+    fn run_with(seed: u64, max_line: usize, only: Option<&[usize]>) {
+        let mut rng = Rng(seed | 1);
+        let specials = [
+            1usize,
+            2,
+            31 * 1024,
+            32 * 1024,
+            32 * 1024 + 1,
+            64 * 1024 - 1,
+            64 * 1024,
+            64 * 1024 + 1,
+            512 * 1024 - 1,
+            512 * 1024,
+            512 * 1024 + 1,
+            600 * 1024,
+            1024 * 1024 - 2048,
+            1024 * 1024,
+            1024 * 1024 + 1,
+            3 << 20,
+        ];
+        let mut expected = Vec::new();
+        let mut bytes = Vec::new();
+        let count = 1 + rng.below(12);
+        for i in 0..count {
+            let len = match only {
+                Some(o) => o[rng.below(o.len())],
+                None => {
+                    if rng.below(2) == 0 {
+                        specials[rng.below(specials.len())]
+                    } else {
+                        1 + rng.below(200_000)
+                    }
+                }
+            };
+            let line: Vec<u8> = (0..len - 1).map(|j| b'a' + ((i + j) % 26) as u8).collect();
+            bytes.extend_from_slice(&line);
+            bytes.push(b'\n');
+            expected.push(line);
+        }
+        let total = bytes.len();
+        let mut sock = Kernel { bytes, arrived: 0, at: 0, fin: false };
+        let (mut pool, mut input) = (InputPool::new(), PeerInput::new());
+        let mut got = Vec::new();
+        let mut held: Vec<SharedBytes> = Vec::new();
+        let mut event = false;
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            assert!(rounds < 1_000_000, "seed {seed}: no progress");
+            // Arrivals (each one is an edge).
+            if sock.arrived < total && rng.below(3) != 0 {
+                let step = [1usize, 100, 4096, 65536, 65537, 200_000, 1 << 20][rng.below(7)];
+                sock.arrived = (sock.arrived + 1 + rng.below(step)).min(total);
+                event = true;
+            } else if sock.arrived == total && !sock.fin && rng.below(4) == 0 {
+                sock.fin = true;
+                event = true;
+            }
+            if rng.below(3) == 0 && !held.is_empty() {
+                held.clear();
+            }
+            if event {
+                event = false;
+                loop {
+                    input.fill(&mut sock, max_line, &mut pool).unwrap();
+                    loop {
+                        match input.frame(max_line) {
+                            Frame::Line(line, used) => {
+                                let l = input.line(line);
+                                if rng.below(2) == 0 {
+                                    if let Some(s) = l.share(l.bytes()) {
+                                        held.push(s);
+                                    }
+                                }
+                                got.push(l.bytes().to_vec());
+                                input.consume(used);
+                            }
+                            Frame::TooLong => panic!("seed {seed}: too long"),
+                            Frame::Incomplete => break,
+                        }
+                    }
+                    assert!(input.capacity() <= 16 << 20, "seed {seed}: capacity {}", input.capacity());
+                    if !input.stopped_short() {
+                        break;
+                    }
+                }
+            }
+            if sock.fin && !event {
+                // Nothing more will ever come: everything must be delivered.
+                assert_eq!(
+                    got.len(),
+                    expected.len(),
+                    "seed {seed}: hang: {} of {} lines, socket holds {}, buffered {}, eof {}",
+                    got.len(),
+                    expected.len(),
+                    sock.arrived - sock.at,
+                    input.buffered(),
+                    input.is_eof()
+                );
+                assert!(got == expected, "seed {seed}: wrong lines");
+                assert!(input.is_eof(), "seed {seed}: eof not seen");
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn every_line_is_delivered_once_whole_and_in_order() {
+        for seed in 1..400u64 {
+            run(seed.wrapping_mul(0x9E3779B97F4A7C15));
+        }
+    }
+
+    #[test]
+    fn lines_at_and_around_the_line_limit_are_delivered() {
+        for max_line in [1000usize, 40_000, 600_000, 1 << 20, 2 << 20] {
+            let lens = [1, max_line, max_line + 1, max_line / 2, max_line / 2 + 1];
+            for seed in 1..60u64 {
+                run_with(seed.wrapping_mul(0x9E3779B97F4A7C15) ^ max_line as u64, max_line, Some(&lens));
+            }
+        }
+    }
+}
