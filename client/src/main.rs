@@ -137,7 +137,11 @@ fn main() -> ExitCode {
         }
     };
     let answer = client::request_once(&cli.host, cli.port, &line, cli.timeout);
-    println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
+    let shown = serde_json::to_string_pretty(&answer).unwrap_or_default() + "\n";
+    if let Err(e) = write_stdout(&shown) {
+        eprintln!("client: stdout: {e}");
+        return ExitCode::FAILURE;
+    }
     if client::is_ok(&answer) {
         ExitCode::SUCCESS
     } else {
@@ -153,11 +157,9 @@ fn run_top(cli: &Cli, args: &TopArgs) -> ExitCode {
         timeout: cli.timeout,
     };
     let result = if args.once {
-        client::top::once(&config).map_err(|e| e.to_string()).and_then(|snapshot| {
-            // Written, not print!ed: a closed pipe (`| head -1`) is an error, not a panic.
-            let mut out = std::io::stdout().lock();
-            out.write_all(snapshot.as_bytes()).and_then(|()| out.flush()).map_err(|e| format!("stdout: {e}"))
-        })
+        client::top::once(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|snapshot| write_stdout(&snapshot).map_err(|e| format!("stdout: {e}")))
     } else {
         client::top::live(&config).map_err(|e| e.to_string())
     };
@@ -195,10 +197,14 @@ fn run_bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
     };
     match bench::run(&config) {
         Ok(report) => {
-            if args.json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            let shown = if args.json {
+                serde_json::to_string(&report).unwrap_or_default() + "\n"
             } else {
-                print!("{}", bench::summary(&report));
+                bench::summary(&report)
+            };
+            if let Err(e) = write_stdout(&shown) {
+                eprintln!("client bench: stdout: {e}");
+                return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
         }
@@ -207,4 +213,12 @@ fn run_bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes `text` to stdout. Written, not `print!`ed: a closed pipe (`| head -1`) is an error
+/// to report, not a panic.
+fn write_stdout(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
 }

@@ -58,6 +58,22 @@ fn a_refused_connection_is_a_client_connection_error() {
     assert!(answer["data"].as_str().unwrap().contains("refused"), "{answer}");
 }
 
+/// A closed stdout (`client --get k | head -0`) is reported and exits 1, not a panic (101).
+#[test]
+fn a_closed_stdout_is_an_error_not_a_panic() {
+    let (_origin, proxy) = cluster();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(CLIENT)
+        .args(["--port", &proxy.addr().port().to_string(), "--get", "article/1"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("client: stdout:") && !stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn the_cli_refuses_to_guess_what_to_do() {
     // A listening service that counts what it is sent: a refusal must send nothing.
