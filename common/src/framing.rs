@@ -101,7 +101,8 @@ const PLACED_MIN: usize = 32 * 1024;
 const PAGE_MARGIN: usize = 256;
 /// ...which takes at most this many bytes more than the copy itself.
 const PLACEMENT_SLACK: usize = 2 * PAGE_MARGIN;
-const PAGE: usize = 4096;
+/// The page size the placements of copies and reads are computed for.
+pub(crate) const PAGE: usize = 4096;
 
 /// `bytes` in a buffer of their own whose first byte lies at least [`PAGE_MARGIN`] bytes from
 /// the edges of its page, and where that is within `buf[start..]`. Shared bytes are written to
