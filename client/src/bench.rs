@@ -363,7 +363,7 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
     let mut events = Events::with_capacity(1024);
     let connections = config.connections.max(1);
     let pipeline = config.pipeline.max(1);
-    let mut picker = KeyPicker {
+    let picker = KeyPicker {
         rng: SplitMix64::new(config.seed),
         zipf: match config.dist {
             Dist::Uniform => None,
@@ -387,12 +387,12 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
     let mut measured = Tally::default();
     let mut second = Tally::default();
     let mut next_progress = started + Duration::from_secs(1);
-    let mut issued_measured: u64 = 0;
+    let mut issuer = Issuer { picker, pipeline, measure_from, limit: config.requests, issued_measured: 0 };
     let mut last_answer = Instant::now();
     let mut scratch = Vec::new(); // read_answer's copy of an answer without its data
 
     for conn in conns.iter_mut() {
-        refill(conn, pipeline, &mut picker, started, measure_from, config.requests, &mut issued_measured);
+        refill(conn, &mut issuer, started);
     }
 
     let end = loop {
@@ -433,17 +433,29 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
                 }
                 {
                     loop {
-                        let (answer, used) = match config.wire {
-                            Wire::Line => match up.frame(MAX_ANSWER) {
-                                Frame::Line(line, used) => (read_answer(line, &mut scratch), used),
-                                _ => break,
-                            },
+                        // The next request goes out as soon as an answer is in, before the
+                        // answer is checked and counted: the generator's own work stays off
+                        // the path it measures (with one connection, checking a 512 KiB line
+                        // would otherwise leave the servers idle for as long).
+                        let (sent, answer, used) = match config.wire {
+                            Wire::Line => {
+                                let Frame::Line(_, used) = up.frame(MAX_ANSWER) else { break };
+                                let sent = conn.sent.pop_front();
+                                issuer.refill(up, &mut conn.sent, now);
+                                // The same line: how far it holds no `\n` is remembered.
+                                let Frame::Line(line, _) = up.frame(MAX_ANSWER) else { break };
+                                (sent, read_answer(line, &mut scratch), used)
+                            }
                             Wire::Memcache => match conn.memcache.next(up) {
-                                Some(answer) => (answer, 0),
+                                Some(answer) => {
+                                    let sent = conn.sent.pop_front();
+                                    issuer.refill(up, &mut conn.sent, now);
+                                    (sent, answer, 0)
+                                }
                                 None => break,
                             },
                         };
-                        if let Some(sent) = conn.sent.pop_front() {
+                        if let Some(sent) = sent {
                             let latency = now.saturating_duration_since(sent);
                             if sent >= measure_from {
                                 measured.record(latency, answer.as_ref());
@@ -466,7 +478,7 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
             if failed {
                 fail_connection(conn, poll.registry(), measure_from, &mut measured, &mut second, now);
             } else {
-                refill(conn, pipeline, &mut picker, now, measure_from, config.requests, &mut issued_measured);
+                refill(conn, &mut issuer, now);
             }
         }
         for (i, conn) in conns.iter_mut().enumerate() {
@@ -475,7 +487,7 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
                 match Upstream::connect(config.addr, poll.registry(), Token(i)) {
                     Ok(up) => {
                         conn.up = Some(up);
-                        refill(conn, pipeline, &mut picker, now, measure_from, config.requests, &mut issued_measured);
+                        refill(conn, &mut issuer, now);
                     }
                     Err(_) => conn.reconnect_at = Some(now + RECONNECT_AFTER),
                 }
@@ -498,34 +510,46 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
     };
     let duration = end.saturating_duration_since(measure_from).max(Duration::from_micros(1));
     let mut report = report(config, pipeline, connections, duration, &measured);
-    report.simulated_lru = picker.model.map(|m| SimulatedLru {
+    report.simulated_lru = issuer.picker.model.map(|m| SimulatedLru {
         capacity: m.cache.config().capacity,
         hit_ratio: if m.lookups == 0 { 0.0 } else { m.hits as f64 / m.lookups as f64 },
     });
     Ok(report)
 }
 
-fn refill(
-    conn: &mut Conn,
-    pipeline: usize,
-    picker: &mut KeyPicker,
-    now: Instant,
-    measure_from: Instant,
-    limit: Option<u64>,
-    issued_measured: &mut u64,
-) {
-    let Some(up) = conn.up.as_mut() else { return };
-    while conn.sent.len() < pipeline {
-        if now >= measure_from {
-            if limit.is_some_and(|n| *issued_measured >= n) {
-                break;
-            }
-            *issued_measured += 1;
-        }
-        picker.write_get(up.out_buf(), now >= measure_from);
-        conn.sent.push_back(now);
+/// Tops `conn` up to its pipeline depth, if it is connected.
+fn refill(conn: &mut Conn, issuer: &mut Issuer, now: Instant) {
+    if let Some(up) = conn.up.as_mut() {
+        issuer.refill(up, &mut conn.sent, now);
     }
-    let _ = up.flush();
+}
+
+/// What the next requests are and whether they may go out.
+struct Issuer {
+    picker: KeyPicker,
+    pipeline: usize,
+    measure_from: Instant,
+    /// `--requests`: how many measured requests go out in all.
+    limit: Option<u64>,
+    issued_measured: u64,
+}
+
+impl Issuer {
+    /// Sends requests on `up` (at `now`, recorded in `sent`) until `pipeline` are in flight.
+    fn refill(&mut self, up: &mut Upstream, sent: &mut VecDeque<Instant>, now: Instant) {
+        let measured = now >= self.measure_from;
+        while sent.len() < self.pipeline {
+            if measured {
+                if self.limit.is_some_and(|n| self.issued_measured >= n) {
+                    break;
+                }
+                self.issued_measured += 1;
+            }
+            self.picker.write_get(up.out_buf(), measured);
+            sent.push_back(now);
+        }
+        let _ = up.flush();
+    }
 }
 
 fn fail_connection(

@@ -6,19 +6,22 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use client::bench::{self, BenchConfig, Dist, Wire};
 
 /// Answers `get synthetic/N`: a 70,000-byte value (with `\r\n` inside it, as memcached
 /// allows) for even N, a miss for odd N but 5, an error line for 5; writes each answer in
-/// three pieces.
-fn fake_memcached() -> std::net::SocketAddr {
+/// three pieces. Counts the requests it reads in `gets`.
+fn fake_memcached(gets: Arc<AtomicUsize>) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { return };
+            let gets = gets.clone();
             std::thread::spawn(move || {
                 let mut writer = stream.try_clone().unwrap();
                 let mut value = vec![b'v'; 70_000];
@@ -26,6 +29,7 @@ fn fake_memcached() -> std::net::SocketAddr {
                 value[101] = b'\n';
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { return };
+                    gets.fetch_add(1, Ordering::SeqCst);
                     let key = line.trim_end().strip_prefix("get ").unwrap_or("").to_owned();
                     let n: u64 = key.rsplit('/').next().and_then(|n| n.parse().ok()).unwrap_or(1);
                     let answer = if n == 5 {
@@ -53,8 +57,9 @@ fn fake_memcached() -> std::net::SocketAddr {
 
 #[test]
 fn memcache_wire_counts_hits_misses_and_errors() {
+    let gets = Arc::new(AtomicUsize::new(0));
     let config = BenchConfig {
-        addr: fake_memcached(),
+        addr: fake_memcached(gets.clone()),
         connections: 3,
         duration: Duration::from_secs(60),
         requests: Some(600),
@@ -79,4 +84,7 @@ fn memcache_wire_counts_hits_misses_and_errors() {
     assert!((240..=360).contains(&ok), "{report:?}");
     assert!((180..=300).contains(&missing), "{report:?}");
     assert!((30..=100).contains(&garbage), "{report:?}");
+    // Each next request goes out as an answer comes in, before it is counted: still exactly
+    // the requests asked for (all answered, so all read by the server before the report).
+    assert_eq!(gets.load(Ordering::SeqCst), 600);
 }
