@@ -7,7 +7,8 @@
 #
 #   VALUE_SIZES ("65536 524288")  value bytes per run set
 #   CONNECTIONS ("1 16")          connections per point (pipeline 1)
-#   DURATION (5) REPS (3)         seconds per run, runs per point (medians quoted)
+#   DURATION (5) REPS (3)         seconds per run, runs per point (medians quoted; "paired" is
+#                                 the median of each run's ratio to the twemproxy run after it)
 #   KEYS (200)                    keys in the working set
 #   STRATEGY (consistent_hash)    the balancer's strategy: twemproxy hashes keys (ketama), so
 #                                 the like-for-like setting is consistent_hash (each key cached
@@ -143,8 +144,8 @@ EOF
     echo
     echo "## values of $(cat "$WORK/len") bytes (pipeline 1)"
     echo
-    echo "| connections | cachetier req/s | p50 us | p99 us | errors | twemproxy req/s | p50 us | p99 us | errors | cachetier/twemproxy |"
-    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    echo "| connections | cachetier req/s | p50 us | p99 us | errors | twemproxy req/s | p50 us | p99 us | errors | cachetier/twemproxy | paired |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     for c in $CONNECTIONS; do
         ours=(); theirs=()
         for _ in $(seq "$REPS"); do
@@ -156,10 +157,13 @@ EOF
         col() { local i="$1"; shift; printf '%s\n' "$@" | awk -v i="$i" '{print $i}' | median; }
         sum() { local i="$1"; shift; printf '%s\n' "$@" | awk -v i="$i" '{s+=$i} END {print s}'; }
         o=$(col 1 "${ours[@]}"); t=$(col 1 "${theirs[@]}")
-        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %.2fx |\n' "$c" \
+        # The median of each run's ratio to the twemproxy run right after it: steadier than the
+        # ratio of the medians when the machine's speed drifts during the sitting.
+        paired=$(for i in "${!ours[@]}"; do echo "${ours[$i]%% *} ${theirs[$i]%% *}" | awk '{printf "%.4f\n", $1/$2}'; done | median)
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %.2fx | %.2fx |\n' "$c" \
             "$o" "$(col 2 "${ours[@]}")" "$(col 3 "${ours[@]}")" "$(sum 4 "${ours[@]}")" \
             "$t" "$(col 2 "${theirs[@]}")" "$(col 3 "${theirs[@]}")" "$(sum 4 "${theirs[@]}")" \
-            "$(echo "$o $t" | awk '{print $1/$2}')"
+            "$(echo "$o $t" | awk '{print $1/$2}')" "$paired"
     done
     if [[ "$STRACE" != 0 ]]; then
         c=$(echo "$CONNECTIONS" | awk '{print $NF}')
