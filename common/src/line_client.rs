@@ -39,6 +39,11 @@ impl LineClient {
         Err(last)
     }
 
+    /// The connection itself, for writes this client has no method for.
+    pub fn stream(&self) -> &TcpStream {
+        &self.writer
+    }
+
     pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
         self.writer.set_read_timeout(Some(timeout))
     }

@@ -288,7 +288,8 @@ struct Client {
     /// readiness event (Linux's edge-triggered epoll reports every arrival, so skipping the
     /// read that would only say EAGAIN loses nothing; tokio does the same).
     drained: bool,
-    /// The peer's close was reported: keep reading until EOF, short reads or not.
+    /// The peer's close (or urgent data, which stops a read at its mark) was reported: keep
+    /// reading until EOF or `WouldBlock`, short reads or not.
     hangup: bool,
     /// Read nothing more; close once everything owed is written.
     closing: bool,

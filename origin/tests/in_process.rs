@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use origin::{OriginConfig, Synthetic};
 use serde_json::{json, Value};
-use testkit::{metrics, temp_dir, wait_until, LineClient, RunningServer};
+use testkit::{metrics, send_with_urgent_byte, temp_dir, wait_until, LineClient, RunningServer};
 
 fn sample_data() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
@@ -474,4 +474,19 @@ fn a_request_followed_at_once_by_the_clients_close_is_answered_and_the_connectio
     }
     // Closed by the origin right after answering, not by the idle timeout.
     assert!(wait_until(Duration::from_secs(2), || metrics(server.addr()).unwrap()["connections"] == 1));
+}
+
+/// A read stops at a TCP urgent mark with the rest of the data still queued, and no new
+/// readiness event comes for it: the requests behind an urgent byte are answered all the same
+/// (the byte itself is not part of the stream).
+#[test]
+fn requests_behind_an_urgent_byte_are_answered() {
+    let server = start_default();
+    let mut c = client(server.addr());
+    c.set_timeout(Duration::from_secs(2)).unwrap();
+    send_with_urgent_byte(c.stream(), b"GET article/1\nGET art", b"icle/2\nGET article/3\n").unwrap();
+    for n in 1..=3 {
+        let answer = c.recv().unwrap_or_else(|e| panic!("answer {n}: {e}"));
+        assert_eq!(answer["data"]["id"], n, "{answer}");
+    }
 }

@@ -317,6 +317,21 @@ fn serve_fake(
 }
 
 /// A loopback port that refuses connections: bound once, then released.
+/// Writes `head`, one urgent (out-of-band) byte, then `tail` on `stream`, corked so that they
+/// leave in one segment: the receiver then holds `tail` behind the urgent mark when it reads.
+/// Linux stops a read at that mark with the rest queued, and edge-triggered readiness brings
+/// no event for what is left, so a reader that takes a short read for an empty socket stalls.
+pub fn send_with_urgent_byte(stream: &TcpStream, head: &[u8], tail: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_cork(true)?;
+    let mut writer = stream;
+    writer.write_all(head)?;
+    socket.send_out_of_band(b"!")?;
+    writer.write_all(tail)?;
+    socket.set_tcp_cork(false)
+}
+
 pub fn refused_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").ok();
     let addr = listener.as_ref().and_then(|l| l.local_addr().ok());

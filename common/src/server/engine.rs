@@ -288,7 +288,8 @@ impl<S: Service> Engine<S> {
         self.close(sockets, index);
     }
 
-    /// Client `index`'s socket is ready (`hangup`: the peer closed or the socket failed).
+    /// Client `index`'s socket is ready (`hangup`: the peer closed, the socket failed, or
+    /// urgent data came: from then on short reads do not end reading).
     pub fn client_ready<K: Sockets>(&mut self, sockets: &mut K, index: usize, hangup: bool) {
         let Some(c) = self.ctx.clients.get_mut(index) else { return };
         c.drained = false;

@@ -11,6 +11,15 @@ use log::{debug, error, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
+/// What a client connection is watched for. Priority too, where the platform reports it: Linux
+/// stops a read at a TCP urgent mark with the rest of the data still queued, so once a client
+/// has sent urgent data its reads go on to `WouldBlock` (a short read would otherwise leave its
+/// requests unread, with no readiness event to come for them).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const CLIENT_READS: Interest = Interest::READABLE.add(Interest::PRIORITY);
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const CLIENT_READS: Interest = Interest::READABLE;
+
 use super::bind::{bind_listener_with, ShutdownHandle};
 use super::engine::{Admission, Engine, Slots, Sockets};
 use super::{ServerConfig, Service};
@@ -48,7 +57,7 @@ impl Sockets for MioSockets {
     }
 
     fn watch_client_writes(&mut self, index: usize, on: bool) -> io::Result<()> {
-        let interest = if on { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+        let interest = if on { CLIENT_READS | Interest::WRITABLE } else { CLIENT_READS };
         match self.clients.get_mut(index) {
             Some(stream) => self.registry.reregister(stream, Token(CLIENT_BASE + index), interest),
             None => Err(io::ErrorKind::NotConnected.into()),
@@ -251,7 +260,8 @@ impl<S: Service> Server<S> {
                 // After the line protocol's events, below.
                 token if crate::admin::conn_index(token).is_some() => {}
                 Token(t) if t >= CLIENT_BASE => {
-                    let hangup = event.is_read_closed() || event.is_error();
+                    // After urgent data, a short read no longer means an empty socket.
+                    let hangup = event.is_read_closed() || event.is_error() || event.is_priority();
                     self.engine.client_ready(&mut self.sockets, t - CLIENT_BASE, hangup);
                 }
                 _ => {}
@@ -326,7 +336,7 @@ impl<S: Service> Server<S> {
             Admission::Admitted(index) => {
                 let _ = stream.set_nodelay(true);
                 let token = Token(CLIENT_BASE + index);
-                if let Err(e) = self.sockets.registry.register(&mut stream, token, Interest::READABLE) {
+                if let Err(e) = self.sockets.registry.register(&mut stream, token, CLIENT_READS) {
                     warn!("cannot register connection from {peer}: {e}");
                     return self.engine.abandon(&mut self.sockets, index);
                 }
