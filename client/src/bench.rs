@@ -437,22 +437,24 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
                         // answer is checked and counted: the generator's own work stays off
                         // the path it measures (with one connection, checking a 512 KiB line
                         // would otherwise leave the servers idle for as long).
-                        let (sent, answer, used) = match config.wire {
-                            Wire::Line => {
-                                let Frame::Line(_, used) = up.frame(MAX_ANSWER) else { break };
-                                let sent = conn.sent.pop_front();
-                                issuer.refill(up, &mut conn.sent, now);
-                                // The same line: how far it holds no `\n` is remembered.
-                                let Frame::Line(line, _) = up.frame(MAX_ANSWER) else { break };
-                                (sent, read_answer(line, &mut scratch), used)
-                            }
+                        let (memcache_answer, used) = match config.wire {
+                            Wire::Line => match up.frame(MAX_ANSWER) {
+                                Frame::Line(_, used) => (None, used),
+                                _ => break,
+                            },
                             Wire::Memcache => match conn.memcache.next(up) {
-                                Some(answer) => {
-                                    let sent = conn.sent.pop_front();
-                                    issuer.refill(up, &mut conn.sent, now);
-                                    (sent, answer, 0)
-                                }
+                                Some(answer) => (Some(answer), 0),
                                 None => break,
+                            },
+                        };
+                        let sent = conn.sent.pop_front();
+                        issuer.refill(up, &mut conn.sent, now);
+                        let answer = match memcache_answer {
+                            Some(answer) => answer,
+                            // The same line again (how far it holds no `\n` is remembered).
+                            None => match up.frame(MAX_ANSWER) {
+                                Frame::Line(line, _) => read_answer(line, &mut scratch),
+                                _ => None,
                             },
                         };
                         if let Some(sent) = sent {

@@ -288,9 +288,9 @@ struct Client {
     /// readiness event (Linux's edge-triggered epoll reports every arrival, so skipping the
     /// read that would only say EAGAIN loses nothing; tokio does the same).
     drained: bool,
-    /// The peer's close (or urgent data, which stops a read at its mark) was reported: keep
-    /// reading until EOF or `WouldBlock`, short reads or not.
-    hangup: bool,
+    /// The peer's close, a socket error or urgent data (which stops a read at its mark) was
+    /// reported: keep reading until EOF or `WouldBlock`, short reads or not.
+    read_until_empty: bool,
     /// Read nothing more; close once everything owed is written.
     closing: bool,
     dirty: bool,

@@ -316,7 +316,6 @@ fn serve_fake(
     }
 }
 
-/// A loopback port that refuses connections: bound once, then released.
 /// Writes `head`, one urgent (out-of-band) byte, then `tail` on `stream`, corked so that they
 /// leave in one segment: the receiver then holds `tail` behind the urgent mark when it reads.
 /// Linux stops a read at that mark with the rest queued, and edge-triggered readiness brings
@@ -332,6 +331,7 @@ pub fn send_with_urgent_byte(stream: &TcpStream, head: &[u8], tail: &[u8]) -> io
     socket.set_tcp_cork(false)
 }
 
+/// A loopback port that refuses connections: bound once, then released.
 pub fn refused_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").ok();
     let addr = listener.as_ref().and_then(|l| l.local_addr().ok());

@@ -271,7 +271,7 @@ impl<S: Service> Engine<S> {
             writable_registered: false,
             read_closed: false,
             drained: false,
-            hangup: false,
+            read_until_empty: false,
             closing: ctx.draining,
             dirty: false,
             wants_room: false,
@@ -288,12 +288,12 @@ impl<S: Service> Engine<S> {
         self.close(sockets, index);
     }
 
-    /// Client `index`'s socket is ready (`hangup`: the peer closed, the socket failed, or
-    /// urgent data came: from then on short reads do not end reading).
-    pub fn client_ready<K: Sockets>(&mut self, sockets: &mut K, index: usize, hangup: bool) {
+    /// Client `index`'s socket is ready (`read_until_empty`: the peer closed, the socket
+    /// failed, or urgent data came: from then on short reads do not end reading).
+    pub fn client_ready<K: Sockets>(&mut self, sockets: &mut K, index: usize, read_until_empty: bool) {
         let Some(c) = self.ctx.clients.get_mut(index) else { return };
         c.drained = false;
-        c.hangup |= hangup;
+        c.read_until_empty |= read_until_empty;
         self.drive(sockets, index);
         self.apply_peer_commands(sockets);
     }
@@ -527,7 +527,7 @@ impl<S: Service> Engine<S> {
                 Ok(0) => c.read_closed = true,
                 Ok(n) => {
                     c.last_active = self.ctx.now;
-                    c.drained = n < self.scratch.len() && !c.hangup;
+                    c.drained = n < self.scratch.len() && !c.read_until_empty;
                     let fresh = &self.scratch[..n];
                     if c.carry.is_empty() {
                         // The common case: lines straight from the read buffer, no copy.

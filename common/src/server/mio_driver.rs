@@ -11,6 +11,12 @@ use log::{debug, error, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
+use super::bind::{bind_listener_with, ShutdownHandle};
+use super::engine::{Admission, Engine, Slots, Sockets};
+use super::{ServerConfig, Service};
+use crate::admin::Admin;
+use crate::upstream::connect_finished;
+
 /// What a client connection is watched for. Priority too, where the platform reports it: Linux
 /// stops a read at a TCP urgent mark with the rest of the data still queued, so once a client
 /// has sent urgent data its reads go on to `WouldBlock` (a short read would otherwise leave its
@@ -19,12 +25,6 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 const CLIENT_READS: Interest = Interest::READABLE.add(Interest::PRIORITY);
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 const CLIENT_READS: Interest = Interest::READABLE;
-
-use super::bind::{bind_listener_with, ShutdownHandle};
-use super::engine::{Admission, Engine, Slots, Sockets};
-use super::{ServerConfig, Service};
-use crate::admin::Admin;
-use crate::upstream::connect_finished;
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -261,8 +261,8 @@ impl<S: Service> Server<S> {
                 token if crate::admin::conn_index(token).is_some() => {}
                 Token(t) if t >= CLIENT_BASE => {
                     // After urgent data, a short read no longer means an empty socket.
-                    let hangup = event.is_read_closed() || event.is_error() || event.is_priority();
-                    self.engine.client_ready(&mut self.sockets, t - CLIENT_BASE, hangup);
+                    let read_until_empty = event.is_read_closed() || event.is_error() || event.is_priority();
+                    self.engine.client_ready(&mut self.sockets, t - CLIENT_BASE, read_until_empty);
                 }
                 _ => {}
             }
