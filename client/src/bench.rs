@@ -448,7 +448,13 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
                             },
                         };
                         let sent = conn.sent.pop_front();
-                        issuer.refill(up, &mut conn.sent, now);
+                        // Only when the connection would otherwise sit idle while this answer
+                        // is checked: a deeper pipeline still has requests out and is topped
+                        // up once per batch below, in one write. Not for a line that answered
+                        // nothing sent, nor into a connection the peer has closed.
+                        if sent.is_some() && conn.sent.is_empty() && !up.is_eof() {
+                            issuer.refill(up, &mut conn.sent, now);
+                        }
                         let answer = match memcache_answer {
                             Some(answer) => answer,
                             // The same line again (how far it holds no `\n` is remembered).
