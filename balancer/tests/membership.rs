@@ -317,7 +317,9 @@ fn drain_and_enable_on_the_admin_port() {
     let before = rig.metrics()["reloads"].as_u64().unwrap();
     rig.balancer.signal("HUP");
     assert!(wait_until(Duration::from_secs(10), || rig.metrics()["reloads"].as_u64() == Some(before + 1)));
-    assert_eq!(rig.metrics()["proxies"][rig.addr(0)]["name"], "localhost", "{}", rig.metrics());
+    // The name is resolved after the reload is counted (off the loop): wait for it.
+    let named = || rig.metrics()["proxies"][rig.addr(0)]["name"] == "localhost";
+    assert!(wait_until(Duration::from_secs(10), named), "{}", rig.metrics());
     let by_name = http(admin, "POST", &format!("/proxies/localhost:{port0}/drain")).unwrap();
     assert_eq!(by_name.status, 200, "{}", by_name.text());
     assert_eq!(rig.metrics()["proxies"][rig.addr(0)]["draining"], true);
