@@ -31,24 +31,9 @@ done
 echo "building release binaries..." >&2
 (cd "$ROOT" && cargo build --release --quiet --bin origin --bin proxy --bin client --example relay)
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-serve() { taskset -c "$SERVER_CPU" "$@" > "$WORK/log.$RANDOM" 2>&1 & PIDS+=($!); LAST_PID=$!; }
-wait_port() {
-    for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
-    echo "bench_relay_modes: port $1 did not come up" >&2; exit 1
-}
-load() { local port="$1"; shift; taskset -c "$LOAD_CPU" "$BIN/client" --port "$port" bench --json "$@" 2>/dev/null; }
+NAME=bench_relay_modes
+source "$ROOT/scripts/bench_common.sh"
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 echo "# relay modes with large values — $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
