@@ -134,8 +134,12 @@ pub struct BenchReport {
     /// Answers whose status was not OK (NOT_FOUND included), plus requests lost to
     /// connection failures.
     pub errors: u64,
-    /// Requests outstanding on a connection that failed or closed.
+    /// Requests outstanding on a connection that failed or closed, and answers to nothing
+    /// sent (the connection is then dropped and made again).
     pub connection_errors: u64,
+    /// Batches of measured requests handed to a socket in one write: about `requests /
+    /// pipeline` when the pipeline is kept full.
+    pub request_batches: u64,
     /// Among answers that carry `cache_hit`: the fraction that were hits (null if none did).
     pub hit_ratio: Option<f64>,
     /// Answers per `node` (a proxy's port), for answers that carry one.
@@ -300,6 +304,8 @@ struct Tally {
     statuses: BTreeMap<String, u64>,
     not_ok: u64,
     connection_errors: u64,
+    /// Answers to nothing sent.
+    unasked: u64,
     hits: u64,
     misses: u64,
     per_node: BTreeMap<u64, u64>,
@@ -387,7 +393,8 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
     let mut measured = Tally::default();
     let mut second = Tally::default();
     let mut next_progress = started + Duration::from_secs(1);
-    let mut issuer = Issuer { picker, pipeline, measure_from, limit: config.requests, issued_measured: 0 };
+    let mut issuer =
+        Issuer { picker, pipeline, measure_from, limit: config.requests, issued_measured: 0, measured_batches: 0 };
     let mut last_answer = Instant::now();
     let mut scratch = Vec::new(); // read_answer's copy of an answer without its data
 
@@ -427,60 +434,68 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
             let i = event.token().0;
             let Some(conn) = conns.get_mut(i) else { continue };
             let Some(up) = conn.up.as_mut() else { continue };
-            let failed = loop {
+            let failed = 'read: loop {
                 if up.on_ready(MAX_ANSWER).is_err() {
                     break true;
                 }
-                {
-                    loop {
-                        // The next request goes out as soon as an answer is in, before the
-                        // answer is checked and counted: the generator's own work stays off
-                        // the path it measures (with one connection, checking a 512 KiB line
-                        // would otherwise leave the servers idle for as long).
-                        let (memcache_answer, used) = match config.wire {
-                            Wire::Line => match up.frame(MAX_ANSWER) {
-                                Frame::Line(_, used) => (None, used),
-                                _ => break,
-                            },
-                            Wire::Memcache => match conn.memcache.next(up) {
-                                Some(answer) => (Some(answer), 0),
-                                None => break,
-                            },
-                        };
-                        let sent = conn.sent.pop_front();
-                        // Only when the connection would otherwise sit idle while this answer
-                        // is checked: a deeper pipeline still has requests out and is topped
-                        // up once per batch below, in one write. Not for a line that answered
-                        // nothing sent, nor into a connection the peer has closed.
-                        if sent.is_some() && conn.sent.is_empty() && !up.is_eof() {
-                            issuer.refill(up, &mut conn.sent, now);
-                        }
-                        let answer = match memcache_answer {
-                            Some(answer) => answer,
-                            // The same line again (how far it holds no `\n` is remembered).
-                            None => match up.frame(MAX_ANSWER) {
-                                Frame::Line(line, _) => read_answer(line, &mut scratch),
-                                _ => None,
-                            },
-                        };
-                        if let Some(sent) = sent {
-                            let latency = now.saturating_duration_since(sent);
-                            if sent >= measure_from {
-                                measured.record(latency, answer.as_ref());
-                            }
-                            second.record(latency, answer.as_ref());
-                        }
-                        up.consume(used);
-                        last_answer = now;
+                loop {
+                    // The next request goes out as soon as an answer is in, before the answer
+                    // is checked and counted: the generator's own work stays off the path it
+                    // measures (with one connection, checking a 512 KiB line would otherwise
+                    // leave the servers idle for as long).
+                    let (memcache_answer, used) = match config.wire {
+                        Wire::Line => match up.frame(MAX_ANSWER) {
+                            Frame::Line(_, used) => (None, used),
+                            _ => break,
+                        },
+                        Wire::Memcache => match conn.memcache.next(up) {
+                            Some(answer) => (Some(answer), 0),
+                            None => break,
+                        },
+                    };
+                    // A peer that answers what it was not asked (an answer with nothing
+                    // outstanding, or bytes already in after the answer to the last request
+                    // out) is broken, and one streaming answers would keep this loop reading:
+                    // one connection error, and the connection is dropped and made again
+                    // later, like any other broken one.
+                    let Some(sent) = conn.sent.pop_front() else {
+                        unasked_answer(now >= measure_from, &mut measured, &mut second);
+                        break 'read true;
+                    };
+                    let overrun = conn.sent.is_empty() && up.buffered() > used;
+                    // Only when the connection would otherwise sit idle while this answer is
+                    // checked: a deeper pipeline still has requests out and is topped up once
+                    // per batch below, in one write. Not into a connection the peer has closed.
+                    if conn.sent.is_empty() && !overrun && !up.is_eof() {
+                        issuer.refill(up, &mut conn.sent, now);
                     }
-                    if up.is_eof() || matches!(up.frame(MAX_ANSWER), Frame::TooLong) {
-                        break true;
+                    let answer = match memcache_answer {
+                        Some(answer) => answer,
+                        // The same line again (how far it holds no `\n` is remembered).
+                        None => match up.frame(MAX_ANSWER) {
+                            Frame::Line(line, _) => read_answer(line, &mut scratch),
+                            _ => None,
+                        },
+                    };
+                    let latency = now.saturating_duration_since(sent);
+                    if sent >= measure_from {
+                        measured.record(latency, answer.as_ref());
                     }
-                    // Reading stopped at MAX_ANSWER bytes of answers, all used now: the socket
-                    // holds more, and no new readiness event would say so.
-                    if !up.stopped_short() {
-                        break false;
+                    second.record(latency, answer.as_ref());
+                    up.consume(used);
+                    last_answer = now;
+                    if overrun {
+                        unasked_answer(now >= measure_from, &mut measured, &mut second);
+                        break 'read true;
                     }
+                }
+                if up.is_eof() || matches!(up.frame(MAX_ANSWER), Frame::TooLong) {
+                    break true;
+                }
+                // Reading stopped at MAX_ANSWER bytes of answers, all used now: the socket
+                // holds more, and no new readiness event would say so. Unless the run is over.
+                if !up.stopped_short() || measure_until.is_some_and(|until| Instant::now() >= until) {
+                    break false;
                 }
             };
             if failed {
@@ -509,7 +524,7 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
                     "[{elapsed:6.1}s] {:>9} req/s  p99 {:>7} us  errors {}{phase}",
                     second.answers,
                     second.latency.quantile_us(0.99),
-                    second.not_ok + second.connection_errors
+                    second.not_ok + second.connection_errors + second.unasked
                 );
             }
             second = Tally::default();
@@ -518,6 +533,7 @@ pub fn run(config: &BenchConfig) -> io::Result<BenchReport> {
     };
     let duration = end.saturating_duration_since(measure_from).max(Duration::from_micros(1));
     let mut report = report(config, pipeline, connections, duration, &measured);
+    report.request_batches = issuer.measured_batches;
     report.simulated_lru = issuer.picker.model.map(|m| SimulatedLru {
         capacity: m.cache.config().capacity,
         hit_ratio: if m.lookups == 0 { 0.0 } else { m.hits as f64 / m.lookups as f64 },
@@ -540,12 +556,15 @@ struct Issuer {
     /// `--requests`: how many measured requests go out in all.
     limit: Option<u64>,
     issued_measured: u64,
+    /// Refills that sent measured requests (each one write).
+    measured_batches: u64,
 }
 
 impl Issuer {
     /// Sends requests on `up` (at `now`, recorded in `sent`) until `pipeline` are in flight.
     fn refill(&mut self, up: &mut Upstream, sent: &mut VecDeque<Instant>, now: Instant) {
         let measured = now >= self.measure_from;
+        let before = sent.len();
         while sent.len() < self.pipeline {
             if measured {
                 if self.limit.is_some_and(|n| self.issued_measured >= n) {
@@ -556,8 +575,19 @@ impl Issuer {
             self.picker.write_get(up.out_buf(), measured);
             sent.push_back(now);
         }
+        if measured && sent.len() > before {
+            self.measured_batches += 1;
+        }
         let _ = up.flush();
     }
+}
+
+/// Counts an answer to nothing sent (apart from requests lost, which `--requests` counts).
+fn unasked_answer(in_measured_phase: bool, measured: &mut Tally, second: &mut Tally) {
+    if in_measured_phase {
+        measured.unasked += 1;
+    }
+    second.unasked += 1;
 }
 
 fn fail_connection(
@@ -604,8 +634,9 @@ fn report(config: &BenchConfig, pipeline: usize, connections: usize, duration: D
             mean,
         },
         statuses: t.statuses.clone(),
-        errors: t.not_ok + t.connection_errors,
-        connection_errors: t.connection_errors,
+        errors: t.not_ok + t.connection_errors + t.unasked,
+        connection_errors: t.connection_errors + t.unasked,
+        request_batches: 0,
         hit_ratio: (t.hits + t.misses > 0).then(|| t.hits as f64 / (t.hits + t.misses) as f64),
         per_node: t.per_node.iter().map(|(node, n)| (node.to_string(), *n)).collect(),
         simulated_lru: None,
