@@ -325,6 +325,7 @@ impl Admin {
                     if self.registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_err() {
                         continue;
                     }
+                    crate::sockopt::set_stream_options(&stream);
                     entry.insert(Conn {
                         stream,
                         input: Vec::new(),

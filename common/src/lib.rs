@@ -16,6 +16,7 @@ pub mod prom;
 pub mod protocol;
 pub mod random;
 pub mod server;
+pub mod sockopt;
 pub mod timers;
 pub mod upstream;
 pub mod window;

@@ -52,7 +52,7 @@ impl Upstream {
     pub fn connect(addr: SocketAddr, registry: &Registry, token: Token) -> io::Result<Upstream> {
         let mut stream = TcpStream::connect(addr)?;
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
-        let _ = stream.set_nodelay(true);
+        crate::sockopt::set_stream_options(&stream);
         Ok(Upstream {
             stream,
             token,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::peer::{PeerClosed, PeerEnd, PeerId, PeerLine};
 use common::server::{ClientId, Ctx, Server, ServerConfig, Service};
-use testkit::{wait_until, RunningServer};
+use testkit::{send_with_urgent_bytes, wait_until, Piece, RunningServer};
 
 #[derive(Debug, Default)]
 struct Seen {
@@ -119,6 +119,29 @@ fn a_burst_of_short_lines_bigger_than_max_line_is_all_delivered() {
     assert!(seen.lines.iter().all(|l| l.len() == 63));
     assert!(seen.closed.is_empty(), "{:?}", seen.closed);
     drop(seen);
+    drop(server);
+}
+
+/// Urgent bytes from a peer are ordinary bytes of its lines, each where it was sent, and the
+/// lines behind them (past the urgent mark a read stops at) are delivered.
+#[test]
+fn urgent_bytes_from_a_peer_stay_in_its_lines() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (server, seen) = start(listener.local_addr().unwrap(), 100, None);
+    let (origin, _) = listener.accept().unwrap();
+    let pieces = [
+        Piece::Plain(b"value 1"),
+        Piece::Urgent(b'!'),
+        Piece::Plain(b"a\nvalue 2"),
+        Piece::Urgent(b'?'),
+        Piece::Plain(b"b\nvalue 3\n"),
+    ];
+    send_with_urgent_bytes(&origin, &pieces).unwrap();
+    let all = wait_until(Duration::from_secs(5), || seen.lock().unwrap().lines.len() >= 3);
+    let s = seen.lock().unwrap();
+    assert!(all, "{:?}", s.lines);
+    assert_eq!(s.lines, vec![b"value 1!a".to_vec(), b"value 2?b".to_vec(), b"value 3".to_vec()]);
+    drop(s);
     drop(server);
 }
 

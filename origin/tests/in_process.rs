@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use origin::{OriginConfig, Synthetic};
 use serde_json::{json, Value};
-use testkit::{metrics, send_with_urgent_byte, temp_dir, wait_until, LineClient, RunningServer};
+use testkit::{metrics, send_with_urgent_bytes, temp_dir, wait_until, LineClient, Piece, RunningServer};
 
 fn sample_data() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
@@ -477,14 +477,22 @@ fn a_request_followed_at_once_by_the_clients_close_is_answered_and_the_connectio
 }
 
 /// A read stops at a TCP urgent mark with the rest of the data still queued, and no new
-/// readiness event comes for it: the requests behind an urgent byte are answered all the same
-/// (the byte itself is not part of the stream).
+/// readiness event comes for it: the requests behind urgent bytes are answered all the same,
+/// and the urgent bytes are ordinary bytes of the stream, each where it was sent (the second
+/// one moves the kernel's single urgent mark past the first).
 #[test]
-fn requests_behind_an_urgent_byte_are_answered() {
+fn requests_behind_urgent_bytes_are_answered_with_the_bytes_in_place() {
     let server = start_default();
     let mut c = client(server.addr());
     c.set_timeout(Duration::from_secs(2)).unwrap();
-    send_with_urgent_byte(c.stream(), b"GET article/1\nGET art", b"icle/2\nGET article/3\n").unwrap();
+    let pieces = [
+        Piece::Plain(b"GET article/1\nGET article/"),
+        Piece::Urgent(b'2'),
+        Piece::Plain(b"\nGET article/"),
+        Piece::Urgent(b'3'),
+        Piece::Plain(b"\n"),
+    ];
+    send_with_urgent_bytes(c.stream(), &pieces).unwrap();
     for n in 1..=3 {
         let answer = c.recv().unwrap_or_else(|e| panic!("answer {n}: {e}"));
         assert_eq!(answer["data"]["id"], n, "{answer}");

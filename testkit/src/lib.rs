@@ -316,18 +316,30 @@ fn serve_fake(
     }
 }
 
-/// Writes `head`, one urgent (out-of-band) byte, then `tail` on `stream`, corked so that they
-/// leave in one segment: the receiver then holds `tail` behind the urgent mark when it reads.
-/// Linux stops a read at that mark with the rest queued, and edge-triggered readiness brings
-/// no event for what is left, so a reader that takes a short read for an empty socket stalls.
-pub fn send_with_urgent_byte(stream: &TcpStream, head: &[u8], tail: &[u8]) -> io::Result<()> {
+/// One piece of what [`send_with_urgent_bytes`] writes.
+pub enum Piece<'a> {
+    Plain(&'a [u8]),
+    /// One byte sent as TCP urgent (out-of-band) data.
+    Urgent(u8),
+}
+
+/// Writes `pieces` on `stream`, corked so that they leave in one segment: the receiver then
+/// holds what follows an urgent byte behind the urgent mark when it reads. Linux stops a read
+/// at that mark with the rest queued, and edge-triggered readiness brings no event for what is
+/// left, so a reader that takes a short read for an empty socket stalls.
+pub fn send_with_urgent_bytes(stream: &TcpStream, pieces: &[Piece<'_>]) -> io::Result<()> {
     use std::io::Write;
     let socket = socket2::SockRef::from(stream);
     socket.set_tcp_cork(true)?;
     let mut writer = stream;
-    writer.write_all(head)?;
-    socket.send_out_of_band(b"!")?;
-    writer.write_all(tail)?;
+    for piece in pieces {
+        match piece {
+            Piece::Plain(bytes) => writer.write_all(bytes)?,
+            Piece::Urgent(byte) => {
+                socket.send_out_of_band(&[*byte])?;
+            }
+        }
+    }
     socket.set_tcp_cork(false)
 }
 

@@ -545,7 +545,13 @@ impl<S: Service> Engine<S> {
                         }
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return self.update_interest(sockets, index),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Empty now: what set `read_until_empty` (urgent data; a close or an error
+                    // would have ended in EOF or an error instead) has been read past, and
+                    // short reads again mean empty.
+                    c.read_until_empty = false;
+                    return self.update_interest(sockets, index);
+                }
                 Err(e) => {
                     debug!("closing connection {index}: read failed: {e}");
                     return self.close(sockets, index);

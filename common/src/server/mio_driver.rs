@@ -73,7 +73,7 @@ impl Sockets for MioSockets {
     fn connect_peer(&mut self, index: usize, addr: SocketAddr) -> io::Result<()> {
         let mut stream = TcpStream::connect(addr)?;
         self.registry.register(&mut stream, Token(PEER_BASE + index), Interest::READABLE | Interest::WRITABLE)?;
-        let _ = stream.set_nodelay(true);
+        crate::sockopt::set_stream_options(&stream);
         let old = self.peers.put(index, stream);
         Self::close(&self.registry, old);
         Ok(())
@@ -334,7 +334,7 @@ impl<S: Service> Server<S> {
                 let _ = stream.write(&line);
             }
             Admission::Admitted(index) => {
-                let _ = stream.set_nodelay(true);
+                crate::sockopt::set_stream_options(&stream);
                 let token = Token(CLIENT_BASE + index);
                 if let Err(e) = self.sockets.registry.register(&mut stream, token, CLIENT_READS) {
                     warn!("cannot register connection from {peer}: {e}");
